@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.locks import Condition, Event as TornadoEvent
 
@@ -84,6 +85,11 @@ def with_request_context(
     metadata[ACTOR_KEY] = actor
     metadata[TRACE_ID_KEY] = trace_id or ""
     return dataclasses.replace(event, metadata=metadata)
+
+
+def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    encoded = orjson.dumps(dict(metadata), default=str, option=orjson.OPT_NON_STR_KEYS)
+    return dict(orjson.loads(encoded))
 
 
 @dataclass(slots=True)
@@ -167,6 +173,7 @@ class EventLogger:
         self.unidentified = 0  # events whose empty identifier became "unknown"
         self.flush_failures = 0  # failed write_batch calls
         self.journal_errors = 0  # journal appends that failed (event kept in memory only)
+        self.coerced = 0  # events whose metadata needed str() for some values
 
     # -- public API -------------------------------------------------------
 
@@ -196,6 +203,7 @@ class EventLogger:
             "unidentified": self.unidentified,
             "flush_failures": self.flush_failures,
             "journal_errors": self.journal_errors,
+            "coerced": self.coerced,
             "backlog": self.backlog,
             "pending_replay": self.pending_replay,
         }
@@ -262,7 +270,14 @@ class EventLogger:
 
     def _record(self, event: Event) -> None:
         event = self._normalise(event)
-        line = event.to_json_line()
+        try:
+            line = event.to_json_line()
+        except TypeError:
+            # Metadata orjson cannot encode (a set, a custom object): keep
+            # the event with those values as strings rather than lose it.
+            event = dataclasses.replace(event, metadata=_plain(event.metadata))
+            line = event.to_json_line()
+            self.coerced += 1
         journal = self._journal
         if journal is None:
             # Recorded after stop(): journal only; the next start replays it.
