@@ -354,10 +354,14 @@ class EventLogger:
                     break
                 take = min(self._batch_size, len(self._queue))
                 batch = [self._queue.popleft() for _ in range(take)]
+                # Count at spawn time, so stop() sees work that has not started yet.
+                self._inflight_batches += 1
+                self._inflight_events += len(batch)
                 self._spawn(self._deliver(batch))
             if self._overflow:
                 batch, self._overflow = self._overflow, []
-                self._spawn(self._spill(batch, reason="buffer full"))
+                self._spilling += 1
+                self._spawn(self._spill(batch, reason="buffer full", counted=True))
             if (
                 self._leftovers
                 and self._replay_ready
@@ -368,6 +372,8 @@ class EventLogger:
                 and self._inflight_batches < self._capacity()
                 and len(self._queue) < self._batch_size
             ):
+                self._replaying = True
+                self._inflight_batches += 1
                 self._spawn(self._replay_step())
             self._maintain_journal(now)
         except Exception:  # noqa: BLE001 - a periodic callback must keep running
@@ -392,8 +398,7 @@ class EventLogger:
     # -- delivery ---------------------------------------------------------
 
     async def _deliver(self, batch: list[_Entry]) -> None:
-        self._inflight_batches += 1
-        self._inflight_events += len(batch)
+        """Write one live batch (the caller has counted it in flight)."""
         started = time.monotonic()
         attempt = 0
         try:
@@ -464,10 +469,9 @@ class EventLogger:
 
     # -- spilling ---------------------------------------------------------
 
-    async def _spill(self, batch: list[_Entry], *, reason: str) -> None:
-        if not batch:
-            return
-        self._spilling += 1
+    async def _spill(self, batch: list[_Entry], *, reason: str, counted: bool = False) -> None:
+        if not counted:
+            self._spilling += 1
         try:
             path = await self._run(self._write_spill, batch)
         except Exception:  # noqa: BLE001
@@ -510,8 +514,7 @@ class EventLogger:
         log.info("replaying %d leftover event files", len(self._leftovers))
 
     async def _replay_step(self) -> None:
-        self._replaying = True
-        self._inflight_batches += 1
+        """Replay one batch of the oldest leftover (the caller has counted it in flight)."""
         try:
             if self._cursor is None:
                 cursor = await self._run(self._spool.open_cursor, self._leftovers[0])
