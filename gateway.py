@@ -1,0 +1,247 @@
+"""Entry point: parse flags, load config, build the services, serve, shut down cleanly.
+
+    python gateway.py [--config PATH] [--port N] [--demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from conf.loader import ConfigError, load_config
+from conf.model import Config
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LLM gateway (Cody Gateway compatible)")
+    parser.add_argument("--config", help="TOML config file (default: conf/gateway.toml)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides PORT and the config)")
+    parser.add_argument("--host", help="address to listen on")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="also run the bundled fake provider, point every provider at it, and print a working token",
+    )
+    return parser.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    from telemetry.logs import configure_logging
+
+    configure_logging(level)
+
+
+async def serve(config: Config, *, demo_token: str | None = None) -> None:
+    """Build everything once, serve until SIGTERM/SIGINT, then drain and stop."""
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.httpserver import HTTPServer
+    from tornado.ioloop import PeriodicCallback
+
+    from handlers.app import make_app
+    from handlers.services import Services
+    from telemetry.tracing import Tracing
+    from upstreams.tokenizer import warm_up
+    from upstreams.transport import Transport
+    from wiring import build_actor_chain, build_event_logger, build_limiter, attach_extras
+
+    AsyncHTTPClient.configure(
+        "tornado.curl_httpclient.CurlAsyncHTTPClient",
+        max_clients=config.upstream.max_clients,
+        max_body_size=1 << 40,
+    )
+    http_client = AsyncHTTPClient()
+    warm_up()
+
+    limiter = await build_limiter(config)
+    events = build_event_logger(config)
+    events.start()
+    chain, static_source = build_actor_chain(config, limiter=limiter, http_client=http_client)
+    tracing = Tracing(config.telemetry, version=_version())
+    services = Services(
+        config=config,
+        actors=chain,
+        limiter=limiter,
+        events=events,
+        transport=Transport(http_client, config.upstream),
+        tracing=tracing,
+        version=_version(),
+    )
+    extra_routes = await attach_extras(services, http_client=http_client)
+    app = make_app(services, extra_routes)
+    server = HTTPServer(
+        app,
+        max_body_size=config.server.max_body_bytes + 1,
+        max_buffer_size=config.server.max_body_bytes + 1,
+        idle_connection_timeout=config.server.idle_connection_timeout_s,
+        body_timeout=config.server.body_timeout_s,
+        max_header_size=config.server.max_header_bytes,
+        decompress_request=False,
+        xheaders=False,
+    )
+    sockets = _bind(config)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info("listening on http://%s:%d", config.host, port)
+    if demo_token is not None:
+        _print_demo_help(config.host, port, demo_token)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if static_source is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(static_source.reload(force=True)))
+        watcher = PeriodicCallback(lambda: asyncio.ensure_future(static_source.reload(force=False)), 1000)
+        watcher.start()
+    await stop.wait()
+
+    log.info("shutting down: draining %d in-flight requests", services.in_flight)
+    services.draining = True
+    server.stop()
+    deadline = loop.time() + config.server.drain_timeout_s
+    while services.in_flight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if services.in_flight:
+        log.warning("drain timeout: %d requests still in flight are cut off", services.in_flight)
+    await server.close_all_connections()
+    shutdown_hooks = services.extras.get("shutdown_hooks", [])
+    for hook in shutdown_hooks:
+        try:
+            await hook()
+        except Exception:
+            log.exception("shutdown hook failed")
+    await events.stop(timeout_s=max(1.0, deadline - loop.time() + 5))
+    await limiter.close()
+    tracing.shutdown()
+    log.info("stopped")
+
+
+def _bind(config: Config) -> list[socket.socket]:
+    from tornado.netutil import bind_sockets
+
+    return bind_sockets(config.port, config.host, reuse_port=config.processes > 1)
+
+
+def _version() -> str:
+    from handlers.services import VERSION
+
+    return os.environ.get("CODY_GATEWAY_VERSION", VERSION)
+
+
+async def start_demo(config_path: str | None, overrides: dict[str, Any]) -> tuple[Config, str]:
+    """Run the fake provider in this process and point every provider at it."""
+    from bench.fake_provider import start_fake_provider
+
+    fake = await start_fake_provider(host="127.0.0.1", port=0)
+    token = "sgd_" + secrets.token_hex(32)
+    var = Path("var")
+    var.mkdir(exist_ok=True)
+    actors_file = var / "demo-actors.json"
+    unlimited = {"limit": 1000, "interval": "1h", "allowedModels": ["*"], "concurrentRequests": 100}
+    actors_file.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "demo",
+                    "name": "Demo actor",
+                    "accessEnabled": True,
+                    "token": token,
+                    "rateLimits": {
+                        "chat_completions": unlimited,
+                        "code_completions": unlimited,
+                        "embeddings": {**unlimited, "limit": 1_000_000},
+                    },
+                }
+            ],
+            indent=2,
+        )
+    )
+    demo_overrides = {
+        "actors.static_file": str(actors_file),
+        "diagnostics_secret": os.environ.get("CODY_GATEWAY_DIAGNOSTICS_SECRET") or secrets.token_hex(16),
+    }
+    for provider in ("anthropic", "openai", "fireworks", "google"):
+        demo_overrides[f"providers.{provider}.access_token"] = "demo-key"
+        demo_overrides[f"providers.{provider}.api_url"] = fake.base_url
+    demo_overrides["providers.sourcegraph_embeddings.access_token"] = "demo-key"
+    demo_overrides["providers.sourcegraph_embeddings.api_url"] = (
+        fake.base_url + "/v2/models/st-multi-qa-mpnet-base-dot-v1/infer"
+    )
+    config = load_config(config_path, overrides={**demo_overrides, **overrides})
+    log.info("demo: fake provider at %s", fake.base_url)
+    return config, token
+
+
+def _print_demo_help(host: str, port: int, token: str) -> None:
+    base = f"http://{host}:{port}"
+    print(
+        "\n".join(
+            [
+                "",
+                f"Demo token: {token}",
+                "Try:",
+                f"  curl -sN {base}/v1/completions/anthropic-messages \\",
+                f"    -H 'Authorization: Bearer {token}' -H 'X-Sourcegraph-Feature: chat_completions' \\",
+                "    -H 'Content-Type: application/json' \\",
+                "    -d '{\"model\":\"claude-3-haiku-20240307\",\"max_tokens\":100,\"stream\":true,"
+                "\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'",
+                "",
+            ]
+        ),
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.host is not None:
+        overrides["host"] = args.host
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.telemetry.log_level)
+    _use_uvloop()
+
+    async def run() -> None:
+        if args.demo:
+            demo_config, token = await start_demo(args.config, overrides)
+            await serve(demo_config, demo_token=token)
+        else:
+            await serve(config)
+
+    try:
+        asyncio.run(run())
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _use_uvloop() -> None:
+    if os.environ.get("CODY_GATEWAY_UVLOOP", "1") == "0":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

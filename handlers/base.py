@@ -1,0 +1,214 @@
+"""The base handler: the one place where errors become HTTP responses.
+
+Every response carries the trace headers; every error is JSON
+``{"error": message}`` with ``Content-Type: application/json`` (SPEC point 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+import tornado.web
+from opentelemetry.trace import Span, Status, StatusCode
+
+from actors.chain import TokenDeniedError
+from actors.model import Actor
+from actors.tokens import parse_bearer
+from errors import Forbidden, GatewayError, NotFound, PayloadTooLarge
+from handlers.services import Services
+from telemetry import events as ev
+from telemetry.tracing import span_ids
+
+log = logging.getLogger("gateway.http")
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    services: Services
+    # Low-cardinality label for metrics and the span name.
+    route_class = "other"
+    operation = "http"
+
+    def initialize(self, services: Services, **_: Any) -> None:
+        self.services = services
+        self.started_at = time.monotonic()
+        self.actor: Actor | None = None
+        self.feature: str | None = None
+        self.model: str | None = None
+        self.span: Span | None = None
+        self.trace_id = ""
+        self.span_id = ""
+        self._counted = True
+        services.in_flight += 1
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start_span(self) -> None:
+        tracing = self.services.tracing
+        request = self.request
+        self.span = tracing.start_request_span(
+            f"{self.operation}.{request.method} {request.path}",
+            request.headers,
+            {"http.request.method": request.method or "", "url.path": request.path},
+        )
+        self.trace_id, self.span_id = span_ids(self.span)
+        self.set_header("X-Trace", self.trace_id)
+        self.set_header("X-Trace-Span", self.span_id)
+        self.set_header("X-Span", self.span_id)
+
+    def prepare(self) -> None:
+        self.start_span()
+
+    def on_finish(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.services.in_flight -= 1
+        status = self.get_status()
+        span = self.span
+        if span is not None and span.is_recording():
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+        hook = self.services.extras.get("on_request_finished")
+        if hook is not None:
+            hook(self, status, time.monotonic() - self.started_at)
+
+    # -- auth ------------------------------------------------------------------
+
+    async def authenticate(self) -> Actor:
+        """Resolve the caller; raises 400/401/403/503 as the reference does."""
+        token = parse_bearer(self.request.headers.get("Authorization"))
+        if not token and self.accepts_api_key_header:
+            token = self.request.headers.get("x-api-key", "")
+        try:
+            actor = await self.services.actors.get(token)
+        except TokenDeniedError as exc:
+            self.record_event(ev.Event(ev.UNAUTHORIZED, exc.source, "unknown", {"reason": exc.reason}))
+            raise
+        if not actor.access_allowed(self.request.path):
+            self.record_event(ev.Event(ev.ACCESS_DENIED, actor.source, actor.id, {}))
+            raise Forbidden("Cody Gateway access not enabled")
+        self.actor = actor
+        if self.span is not None and self.span.is_recording():
+            self.span.set_attribute("actor.id", actor.id)
+            self.span.set_attribute("actor.source", actor.source)
+        return actor
+
+    # SDK-compatible routes also accept the Anthropic SDK's x-api-key header.
+    accepts_api_key_header = False
+
+    # -- events ------------------------------------------------------------------
+
+    def record_event(self, event: ev.Event) -> None:
+        event.metadata.setdefault("trace_id", self.trace_id)
+        self.services.events.record(event)
+
+    # -- errors ------------------------------------------------------------------
+
+    def write_json(self, status: int, payload: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", JSON_CONTENT_TYPE)
+        self.finish(orjson.dumps(payload))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message: str
+        if isinstance(exc, GatewayError):
+            message = exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, tornado.web.HTTPError):
+            message = exc.reason or self._reason or "error"
+            if exc.log_message and status_code < 500:
+                message = exc.log_message % exc.args if exc.args else exc.log_message
+        else:
+            message = "internal server error"
+        if status_code == 405:
+            message = "method not allowed"
+        self.set_header("Content-Type", JSON_CONTENT_TYPE)
+        self.finish(orjson.dumps({"error": message}))
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GatewayError):
+            status_code = exc.status
+        if self._headers_written:
+            # The status is on the wire; the streaming pipeline already ended the
+            # stream in-band. Nothing more can be said to this client.
+            if not self._finished:
+                self.finish()
+            return
+        self.clear()
+        self.set_header("X-Trace", self.trace_id)
+        self.set_header("X-Trace-Span", self.span_id)
+        self.set_header("X-Span", self.span_id)
+        self.set_status(status_code, reason=None if status_code in _KNOWN_STATUSES else "Error")
+        try:
+            self.write_error(status_code, **kwargs)
+        except Exception:
+            log.exception("failed to write the error response")
+        if not self._finished:
+            self.finish()
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, GatewayError):
+            if value.status >= 500:
+                log.warning("%s %s -> %d: %s", self.request.method, self.request.path, value.status, value.message)
+            return
+        if isinstance(value, tornado.web.HTTPError) and value.status_code < 500:
+            return
+        super().log_exception(typ, value, tb)
+
+
+_KNOWN_STATUSES = frozenset({400, 401, 403, 404, 405, 408, 413, 429, 500, 502, 503, 504})
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown paths: 404 in the error shape, whatever the method."""
+
+    route_class = "unknown"
+
+    def prepare(self) -> None:
+        self.start_span()
+        raise NotFound("404 page not found")
+
+
+
+@tornado.web.stream_request_body
+class BodyHandler(BaseHandler):
+    """A POST endpoint whose body is read with a hard size cap.
+
+    Reading the body ourselves lets an oversized request get a JSON 413 (Tornado's
+    own limit answers a bare 400) and lets auth reject a caller before the body
+    is read at all.
+    """
+
+    def initialize(self, services: Services, **kwargs: Any) -> None:
+        super().initialize(services, **kwargs)
+        self._body = bytearray()
+        self._body_too_large = False
+        self._max_body = services.config.server.max_body_bytes
+
+    def check_content_length(self) -> None:
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
+            raise PayloadTooLarge(f"request body too large: {declared} bytes (at most {self._max_body})")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._body_too_large:
+            return
+        if len(self._body) + len(chunk) > self._max_body:
+            self._body_too_large = True
+            self._body = bytearray()
+            return
+        self._body += chunk
+
+    def body(self) -> bytes:
+        if self._body_too_large:
+            raise PayloadTooLarge(f"request body too large (at most {self._max_body} bytes)")
+        return bytes(self._body)

@@ -1,0 +1,493 @@
+"""The one completions pipeline: auth -> validate -> limit -> upstream -> record.
+
+Provider specifics live in upstreams/; this handler only knows the order of
+things and what each outcome means for the client, the limiter and the
+usage event. Once the first byte of a 2xx stream is flushed the status can
+no longer change, so later failures end the stream with a provider-shaped
+error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import random
+import time
+from typing import Any
+
+from tornado.httputil import HTTPHeaders
+from tornado.iostream import StreamClosedError
+
+from actors.limits import evaluate_allowed_models, is_model_allowed, prefix_bare_models
+from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES, RateLimit
+from errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from handlers.base import BodyHandler
+from handlers.services import Services
+from limiter.base import CONCURRENCY, TOKENS, Decision, LimitRule, LimiterUnavailable
+from telemetry import events as ev
+from upstreams import transport as tp
+from upstreams.base import Provider, ProviderCall
+
+log = logging.getLogger("gateway.completions")
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+        "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+    )
+)
+# Never relayed: framing is ours, cookies are the provider's business, and
+# server identity headers would describe the provider rather than us.
+NOT_RELAYED = HOP_BY_HOP | frozenset({"content-length", "set-cookie", "set-cookie2", "server", "date", "x-http-reason"})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+OUTCOME_COMPLETE = "complete"
+OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
+OUTCOME_UPSTREAM_ERROR = "upstream_error"
+OUTCOME_ERROR = "error"
+
+
+def go_time(ts: float) -> str:
+    """Go's default time format, which the reference's 429 messages use."""
+    return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+
+
+def rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rate_limit_headers(decision: Decision) -> dict[str, str]:
+    return {
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(max(0, decision.remaining)),
+        "X-RateLimit-Reset": str(max(0, math.ceil(decision.reset_s))),
+    }
+
+
+def rejection(decision: Decision, feature: str) -> RateLimited:
+    retry_after = max(1, math.ceil(decision.retry_after_s))
+    retry_at = go_time(time.time() + retry_after)
+    if decision.cause == CONCURRENCY:
+        message = (
+            f'you have exceeded the concurrency limit of {decision.limit} requests for "{feature}". '
+            f"Retry after {retry_at}"
+        )
+    elif decision.cause == TOKENS:
+        message = f'you have exceeded the token limit of {decision.limit} tokens for "{feature}". Retry after {retry_at}'
+    else:
+        message = f"you have exceeded the rate limit of {decision.limit} requests. Retry after {retry_at}"
+    headers = rate_limit_headers(decision)
+    headers["Retry-After"] = str(retry_after)
+    return RateLimited(message, headers=headers)
+
+
+class LimitedRequest:
+    """Shared by completions and embeddings: admission and the matching release."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.rule: LimitRule | None = None
+        self.decision: Decision | None = None
+
+    @staticmethod
+    def make_rule(actor_id: str, feature: str, rate_limit: RateLimit, lease_ttl_s: float) -> LimitRule:
+        return LimitRule(
+            bucket=actor_id,
+            feature=feature,
+            limit=rate_limit.limit,
+            interval_s=rate_limit.interval_s,
+            concurrency=rate_limit.concurrent_requests or 0,
+            lease_ttl_s=lease_ttl_s,
+            tokens_limit=rate_limit.tokens_limit,
+        )
+
+    async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
+        try:
+            decision = await self.services.limiter.acquire(rule, cost=cost, token_reserve=token_reserve)
+        except LimiterUnavailable as exc:
+            raise ServiceUnavailable("rate limiter unavailable, please retry", headers={"Retry-After": "1"}) from exc
+        if decision.allowed:
+            self.rule, self.decision = rule, decision
+        return decision
+
+    def release(self, *, refund: bool, actual_cost: int | None = None, actual_tokens: int | None = None) -> None:
+        rule, decision = self.rule, self.decision
+        if rule is None or decision is None:
+            return
+        self.rule = self.decision = None
+        spawn(
+            self.services.limiter.release(
+                rule, decision, refund=refund, actual_cost=actual_cost, actual_tokens=actual_tokens
+            ),
+            "limiter release",
+        )
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Any, what: str) -> None:
+    """Fire-and-forget that is never garbage-collected early and never loses its error."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+
+    def done(t: asyncio.Task[Any]) -> None:
+        _background.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("%s failed: %s", what, t.exception())
+
+    task.add_done_callback(done)
+
+
+class CompletionsHandler(BodyHandler):
+    route_class = "completions"
+
+    def initialize(self, services: Services, provider: Provider, sdk_route: bool = False, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(services, **kwargs)
+        self.provider = provider
+        self.operation = provider.operation
+        self.sdk_route = sdk_route
+        self.accepts_api_key_header = sdk_route
+        self.limited = LimitedRequest(services)
+        self.call: ProviderCall | None = None
+        self.abort = tp.AbortFlag()
+        self.client_gone = False
+        self.relaying = False
+        self.first_byte_sent = False
+        self.upstream_status: int | None = None
+        self.upstream_started: float | None = None
+        self.upstream_ended: float | None = None
+        self.time_to_first_byte_s: float | None = None
+        self.outcome = OUTCOME_ERROR
+        self.extra_metadata: dict[str, Any] = {}
+        self._error_body = bytearray()
+        self._finalized = False
+        self._auto_flush = services.config.server.auto_flush_streaming
+
+    async def prepare(self) -> None:
+        self.start_span()
+        self.check_content_length()
+        await self.authenticate()
+
+    # -- request ----------------------------------------------------------------
+
+    def feature_from_header(self) -> str:
+        raw = self.request.headers.get("X-Sourcegraph-Feature")
+        if raw is None or not raw.strip():
+            if self.sdk_route:
+                return CHAT_COMPLETIONS
+            raise BadRequest("X-Sourcegraph-Feature header is required")
+        feature = raw.strip()
+        if feature not in COMPLETION_FEATURES:
+            raise BadRequest("invalid value for X-Sourcegraph-Feature")
+        return feature
+
+    def timeout_s(self) -> float:
+        upstream = self.services.config.upstream
+        raw = self.request.headers.get("X-Timeout-Ms")
+        if raw is None:
+            return upstream.default_timeout_ms / 1000
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise BadRequest("invalid X-Timeout-Ms header: must be an integer number of milliseconds") from None
+        if value <= 0:
+            raise BadRequest("invalid X-Timeout-Ms header: must be positive")
+        return min(value, upstream.max_timeout_ms) / 1000
+
+    async def post(self) -> None:
+        actor = self.actor
+        assert actor is not None
+        feature = self.feature_from_header()
+        self.feature = feature
+        rate_limit = actor.limit_for(feature)
+        if rate_limit is None:
+            raise Forbidden(f"no access to feature {feature}")
+        timeout_s = self.timeout_s()
+        anonymous_uid = self.request.headers.get("X-Sourcegraph-Actor-UID", "")
+        call = self.provider.parse(
+            self.body(),
+            feature=feature,
+            identifier=f"{actor.id}:{anonymous_uid}",
+            headers=self.request.headers,
+        )
+        provider = self.provider
+        model = f"{provider.name}/{call.info.model}"
+        self.model = model
+        allowed = evaluate_allowed_models(prefix_bare_models(rate_limit.allowed_models, provider.name), provider.allowed_models)
+        if not is_model_allowed(model, allowed, provider.virtual_models()):
+            raise BadRequest(f'model "{model}" is not allowed, allowed: [{", ".join(allowed)}]')
+        screen = self.services.extras.get("screen_request")
+        if screen is not None:
+            # Abuse flagging / blocking (issue 8) plugs in here; it raises to block.
+            self.extra_metadata.update(await screen(self, call))
+        self.set_header("X-Cody-Resolved-Model", model)
+
+        rule = LimitedRequest.make_rule(
+            actor.id, feature, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.stall_timeout_s + 30
+        )
+        decision = await self.limited.acquire(rule, cost=1, token_reserve=call.info.max_tokens or 0)
+        if not decision.allowed:
+            self.record_rate_limited(decision, feature)
+            raise rejection(decision, feature)
+        for name, value in rate_limit_headers(decision).items():
+            self.set_header(name, value)
+        self.call = call
+        breaker = self.services.extras.get("circuit_breaker")
+        if breaker is not None and not breaker.available(model):
+            raise ServiceUnavailable(
+                f"model {model} is currently unavailable", headers={"Retry-After": str(provider.default_retry_after_s)}
+            )
+        await self.relay(call, timeout_s, breaker)
+
+    def record_rate_limited(self, decision: Decision, feature: str) -> None:
+        actor = self.actor
+        assert actor is not None
+        metadata: dict[str, Any] = {"feature": feature, "cause": decision.cause}
+        if decision.cause == CONCURRENCY:
+            metadata["error"] = f'"{feature}": concurrency limit exceeded'
+        else:
+            metadata["error"] = "rate limit exceeded"
+            metadata["limit"] = decision.limit
+            metadata["retry_after"] = rfc3339(time.time() + decision.retry_after_s)
+        self.record_event(ev.Event(ev.RATE_LIMITED, actor.source, actor.id, metadata))
+        hook = self.services.extras.get("on_rate_limited")
+        if hook is not None:
+            hook(self, decision)
+
+    # -- upstream ------------------------------------------------------------------
+
+    async def relay(self, call: ProviderCall, timeout_s: float, breaker: Any) -> None:
+        config = self.services.config.upstream
+        deadline = time.monotonic() + timeout_s
+        request = call.upstream_request()
+        self.upstream_started = time.monotonic()
+        attempt_no = 0
+        while True:
+            attempt_no += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                attempt = tp.Attempt(outcome=tp.TIMEOUT)
+                break
+            self._error_body = bytearray()
+            attempt = await self.services.transport.send(
+                request,
+                timeout_s=remaining,
+                abort=self.abort,
+                on_headers=self._on_upstream_headers,
+                on_chunk=self._on_upstream_chunk,
+            )
+            if breaker is not None and attempt.outcome != tp.CLIENT_GONE and not self.client_gone:
+                breaker.record(self.model, attempt.status if attempt.outcome == tp.OK else _breaker_code(attempt))
+            if self.relaying or self.client_gone or attempt_no >= config.retry_max_attempts:
+                break
+            delay = self._retry_delay(attempt, attempt_no)
+            if delay is None or time.monotonic() + delay >= deadline:
+                break
+            log.info("retrying %s after %s (attempt %d)", self.provider.name, attempt.outcome if attempt.outcome != tp.OK else attempt.status, attempt_no)
+            await asyncio.sleep(delay)
+            if self.client_gone:
+                break
+        self.upstream_ended = time.monotonic()
+        self.upstream_status = attempt.status
+        await self._conclude(call, attempt)
+
+    def _retry_delay(self, attempt: tp.Attempt, attempt_no: int) -> float | None:
+        config = self.services.config.upstream
+        if attempt.outcome == tp.OK:
+            if attempt.status not in RETRYABLE_STATUSES:
+                return None
+            retry_after = _retry_after_seconds(attempt.headers)
+            if retry_after is not None:
+                if retry_after > config.retry_after_max_s:
+                    return None
+                return max(config.retry_base_delay_ms / 1000, retry_after)
+        elif attempt.outcome not in (tp.CONNECT_ERROR, tp.RESET):
+            return None
+        cap = min(config.retry_max_delay_ms, config.retry_base_delay_ms * (2 ** (attempt_no - 1))) / 1000
+        return random.uniform(0, cap)
+
+    def _on_upstream_headers(self, status: int, headers: HTTPHeaders) -> None:
+        if self.client_gone:
+            return
+        if 200 <= status < 300:
+            self.relaying = True
+            self.set_status(status)
+            for name, value in headers.get_all():
+                if name.lower() not in NOT_RELAYED:
+                    self.add_header(name, value) if name.lower() in ("vary", "link") else self.set_header(name, value)
+
+    def _on_upstream_chunk(self, chunk: bytes) -> None:
+        if self.client_gone:
+            return
+        if not self.relaying:
+            if len(self._error_body) < self.services.config.upstream.max_error_body_bytes:
+                self._error_body += chunk
+            return
+        call = self.call
+        assert call is not None
+        call.feed(chunk)
+        self.write(chunk)
+        if not self.first_byte_sent:
+            self.first_byte_sent = True
+            self.time_to_first_byte_s = time.monotonic() - self.started_at
+            self._flush()
+        elif self._auto_flush:
+            self._flush()
+
+    def _flush(self) -> None:
+        future = self.flush()
+        # A client that went away fails the flush; on_connection_close handles it.
+        future.add_done_callback(_ignore_stream_closed)
+
+    async def _conclude(self, call: ProviderCall, attempt: tp.Attempt) -> None:
+        provider = self.provider.name
+        if attempt.outcome == tp.CLIENT_GONE or self.client_gone:
+            self.outcome = OUTCOME_CLIENT_DISCONNECTED
+            call.finish()
+            log.info("client disconnected from a %s request", provider)
+            if not self._finished:
+                self.finish()
+            return
+        if self.relaying:
+            call.finish()
+            in_band = getattr(call, "in_band_error", None)
+            if attempt.outcome == tp.OK:
+                self.outcome = OUTCOME_UPSTREAM_ERROR if in_band else OUTCOME_COMPLETE
+                self.finish()
+                return
+            message = _failure_message(attempt, provider, self.services.config.upstream.stall_timeout_s)
+            if self.first_byte_sent:
+                self.outcome = OUTCOME_UPSTREAM_ERROR
+                self.write(call.stream_error_event(message.message))
+                self.finish()
+                return
+            self.clear_relayed_headers()
+            raise message
+        if attempt.outcome != tp.OK or attempt.status is None:
+            raise _failure_message(attempt, provider, self.services.config.upstream.stall_timeout_s)
+        self._write_upstream_error(attempt)
+
+    def clear_relayed_headers(self) -> None:
+        self.relaying = False
+        self.set_status(200)
+
+    def _write_upstream_error(self, attempt: tp.Attempt) -> None:
+        status = attempt.status or 502
+        headers = attempt.headers or HTTPHeaders()
+        resolved = status
+        if status == 429:
+            # The provider's quota is shared by every actor: a client retrying
+            # on 429 would only make it worse, so it is told "unavailable".
+            log.error("upstream %s returned 429, rewriting to 503", self.provider.name)
+            resolved = 503
+        self.set_status(resolved)
+        for name, value in headers.get_all():
+            if name.lower() not in NOT_RELAYED and name.lower() != "retry-after":
+                self.set_header(name, value)
+        if resolved == 503:
+            self.set_header("Retry-After", headers.get("Retry-After") or str(self.provider.default_retry_after_s))
+        if status >= 500:
+            log.error("upstream %s returned %d", self.provider.name, status)
+        self.outcome = OUTCOME_ERROR
+        self.finish(bytes(self._error_body))
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+        self.abort.set()
+        super().on_connection_close()
+
+    # -- the end -----------------------------------------------------------------
+
+    def on_finish(self) -> None:
+        self.finalize()
+        super().on_finish()
+
+    def finalize(self) -> None:
+        """Exactly once per request: release the limiter and record the usage event."""
+        if self._finalized:
+            return
+        self._finalized = True
+        call = self.call
+        actor = self.actor
+        if call is None or actor is None:
+            self.limited.release(refund=True)
+            return
+        disconnected_early = self.outcome == OUTCOME_CLIENT_DISCONNECTED and not self.first_byte_sent
+        resolved = None if disconnected_early else self.get_status()
+        usage = call.usage()
+        success = resolved is not None and 200 <= resolved < 300
+        consumed = success or (self.outcome == OUTCOME_CLIENT_DISCONNECTED and self.first_byte_sent)
+        self.limited.release(refund=not consumed, actual_tokens=usage.total_tokens())
+        upstream_ms = None
+        if self.upstream_started is not None:
+            upstream_ms = int(((self.upstream_ended or time.monotonic()) - self.upstream_started) * 1000)
+        metadata: dict[str, Any] = dict(call.info.metadata)
+        metadata.update(self.extra_metadata)
+        metadata.update(usage.event_fields())
+        metadata.update(
+            {
+                "feature": self.feature,
+                "model": self.model,
+                "provider": self.provider.name,
+                "upstream_request_duration_ms": upstream_ms,
+                "upstream_status_code": self.upstream_status,
+                "resolved_status_code": resolved,
+                "time_to_first_byte_ms": None if self.time_to_first_byte_s is None else int(self.time_to_first_byte_s * 1000),
+                "outcome": self.outcome,
+                "sg_actor_id": self.request.headers.get("X-Sourcegraph-Actor-UID", ""),
+                "sg_actor_anonymous_uid": self.request.headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
+                "sg.actor": None,
+            }
+        )
+        self.record_event(ev.Event(ev.COMPLETIONS_FINISHED, actor.source, actor.id, metadata))
+        hook = self.services.extras.get("on_completion_finished")
+        if hook is not None:
+            hook(self, usage)
+
+
+def _ignore_stream_closed(future: Any) -> None:
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, StreamClosedError):
+        log.warning("flush failed: %s", exc)
+
+
+def _retry_after_seconds(headers: HTTPHeaders | None) -> float | None:
+    if headers is None:
+        return None
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def _breaker_code(attempt: tp.Attempt) -> int:
+    if attempt.outcome in (tp.TIMEOUT, tp.STALL):
+        return 504
+    return 0
+
+
+def _failure_message(attempt: tp.Attempt, provider: str, stall_s: int) -> GatewayError:
+    if attempt.outcome == tp.TIMEOUT:
+        return UpstreamTimeout(f"request to upstream provider {provider} timed out")
+    if attempt.outcome == tp.STALL:
+        return UpstreamTimeout(f"upstream provider {provider} stalled: no data for {stall_s}s")
+    if attempt.outcome == tp.CONNECT_ERROR:
+        return UpstreamError(f"failed to connect to upstream provider {provider}")
+    if attempt.outcome == tp.RESET:
+        return UpstreamError(f"upstream provider {provider} closed the connection unexpectedly")
+    return UpstreamError(f"failed to make request to upstream provider {provider}: {attempt.message}")

@@ -1,0 +1,268 @@
+"""Anthropic Messages: POST /v1/completions/anthropic-messages -> {api_url}/v1/messages.
+
+Reference section 4.3, with these deliberate fixes:
+- zero values the client sent (``temperature: 0``) are forwarded, not dropped;
+- a top-level ``system`` from the client (what the official SDK sends) is kept;
+  a leading ``system`` message is hoisted into it (and joined after it if both exist);
+- ``content`` may be a string (SDK shorthand) or a list of text blocks; other
+  block types get a clear 400 instead of an upstream error;
+- prompt characters count characters, not content parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from conf.model import AnthropicConfig
+from errors import BadRequest
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest, Usage
+from upstreams.decode import (
+    known_fields,
+    opt_bool,
+    opt_int,
+    opt_list,
+    opt_number,
+    opt_str,
+    opt_str_list,
+    parse_body,
+    require_object,
+)
+from upstreams.sse import SSEParser
+from upstreams.tokenizer import count_tokens
+
+PROVIDER = "anthropic"
+API_VERSION = "2023-06-01"
+REQUEST_FIELDS = (
+    "model", "messages", "max_tokens", "temperature", "top_p", "top_k",
+    "stream", "stop_sequences", "metadata", "system",
+)
+_ROLE_LABELS = {"user": "Human: ", "assistant": "Assistant: ", "system": "System: "}
+# Completion text kept only to count tokens when the provider reports none.
+_MAX_TEXT_FOR_TOKENIZER = 1 << 20
+
+
+def _text_blocks(content: Any, path: str) -> list[dict[str, Any]] | str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"failed to parse request body: field {path!r} must be a string or a list of blocks")
+    blocks: list[dict[str, Any]] = []
+    for i, raw in enumerate(content):
+        block = require_object(raw, f"{path}[{i}]")
+        kind = opt_str(block, "type", f"{path}[{i}].type") or "text"
+        if kind != "text":
+            raise BadRequest(f"content block type {kind!r} is not supported by the gateway")
+        blocks.append({"type": "text", "text": opt_str(block, "text", f"{path}[{i}].text") or ""})
+    return blocks
+
+
+def _joined_text(content: list[dict[str, Any]] | str) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(block["text"] for block in content)
+
+
+class AnthropicMessagesCall:
+    def __init__(self, upstream: UpstreamRequest, info: CallInfo, flag: FlagInput, prompt_chars: int, prompt: str) -> None:
+        self.info = info
+        self._request = upstream
+        self._flag = flag
+        self._prompt = prompt
+        self._usage = Usage(prompt_chars=prompt_chars)
+        self._text: list[str] = []
+        self._text_len = 0
+        self._body = bytearray()
+        self._parser = SSEParser(self._on_event) if info.stream else None
+        self.in_band_error: str | None = None
+
+    def upstream_request(self) -> UpstreamRequest:
+        return self._request
+
+    def flag_input(self) -> FlagInput:
+        return self._flag
+
+    def feed(self, chunk: bytes) -> None:
+        if self._parser is not None:
+            self._parser.feed(chunk)
+        elif len(self._body) < _MAX_TEXT_FOR_TOKENIZER * 4:
+            self._body += chunk
+
+    def _add_text(self, text: str) -> None:
+        self._usage.completion_chars = (self._usage.completion_chars or 0) + len(text)
+        if self._text_len < _MAX_TEXT_FOR_TOKENIZER:
+            self._text.append(text)
+            self._text_len += len(text)
+
+    def _on_event(self, name: bytes, data: bytes) -> None:
+        # Only the events that carry usage or text are decoded.
+        if name == b"content_block_delta":
+            try:
+                text = orjson.loads(data)["delta"].get("text")
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                return
+            if isinstance(text, str):
+                self._add_text(text)
+        elif name == b"message_start":
+            try:
+                usage = orjson.loads(data)["message"]["usage"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return
+            self._set_prompt_tokens(usage)
+            if isinstance(usage.get("output_tokens"), int) and self._usage.completion_tokens is None:
+                self._usage.completion_tokens = usage["output_tokens"]
+        elif name == b"message_delta":
+            try:
+                usage = orjson.loads(data).get("usage") or {}
+            except (orjson.JSONDecodeError, AttributeError):
+                return
+            if isinstance(usage.get("output_tokens"), int):
+                self._usage.completion_tokens = usage["output_tokens"]
+            if isinstance(usage.get("input_tokens"), int):
+                self._set_prompt_tokens(usage)
+        elif name == b"error":
+            try:
+                self.in_band_error = str(orjson.loads(data)["error"].get("message") or "error")
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                self.in_band_error = "error"
+
+    def _set_prompt_tokens(self, usage: Mapping[str, Any]) -> None:
+        if isinstance(usage.get("input_tokens"), int):
+            # Cached prompt tokens are billed prompt tokens too; Anthropic reports them apart.
+            self._usage.prompt_tokens = (
+                usage["input_tokens"]
+                + int(usage.get("cache_read_input_tokens") or 0)
+                + int(usage.get("cache_creation_input_tokens") or 0)
+            )
+
+    def finish(self) -> None:
+        if self._parser is not None:
+            self._parser.close()
+        elif self._body:
+            try:
+                data = orjson.loads(self._body)
+            except orjson.JSONDecodeError:
+                data = None
+            if isinstance(data, dict):
+                for block in data.get("content") or []:
+                    if isinstance(block, dict) and isinstance(block.get("text"), str):
+                        self._add_text(block["text"])
+                usage = data.get("usage")
+                if isinstance(usage, dict):
+                    self._set_prompt_tokens(usage)
+                    if isinstance(usage.get("output_tokens"), int):
+                        self._usage.completion_tokens = usage["output_tokens"]
+            self._body = bytearray()
+        if self._usage.completion_tokens is None and self._text:
+            self._usage.completion_tokenizer_tokens = count_tokens("".join(self._text))
+            self._usage.completion_tokens = self._usage.completion_tokenizer_tokens
+        if self._usage.prompt_tokens is None:
+            self._usage.prompt_tokens = self._usage.prompt_tokenizer_tokens
+
+    def usage(self) -> Usage:
+        return self._usage
+
+    def set_prompt_tokenizer_tokens(self, count: int) -> None:
+        self._usage.prompt_tokenizer_tokens = count
+
+    def stream_error_event(self, message: str) -> bytes:
+        payload = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+        return b"event: error\ndata: " + payload + b"\n\n"
+
+
+class AnthropicMessagesProvider:
+    name = PROVIDER
+    operation = "v1.completions.anthropicmessages"
+    default_retry_after_s = 2
+
+    def __init__(self, config: AnthropicConfig, *, max_messages: int) -> None:
+        self._config = config
+        self._url = config.api_url.rstrip("/") + "/v1/messages"
+        self._headers = {
+            "Content-Type": "application/json",
+            "X-API-Key": config.access_token,
+            "anthropic-version": API_VERSION,
+        }
+        self._max_messages = max_messages
+        self.allowed_models = tuple(f"{PROVIDER}/{m}" for m in config.allowed_models)
+
+    def virtual_models(self) -> dict[str, frozenset[str]]:
+        return {}
+
+    def parse(
+        self, body: bytes, *, feature: str, identifier: str, headers: Mapping[str, str]
+    ) -> AnthropicMessagesCall:
+        data = known_fields(parse_body(body), REQUEST_FIELDS)
+        raw_messages = opt_list(data, "messages")
+        if raw_messages is None:
+            raise BadRequest('request body must contain "messages" field')
+        if len(raw_messages) > self._max_messages:
+            raise BadRequest(f"too many messages: {len(raw_messages)} (at most {self._max_messages})")
+        messages: list[dict[str, Any]] = []
+        for i, raw in enumerate(raw_messages):
+            msg = require_object(raw, f"messages[{i}]")
+            role = opt_str(msg, "role", f"messages[{i}].role") or ""
+            messages.append({"role": role, "content": _text_blocks(msg.get("content", []), f"messages[{i}].content")})
+
+        model = opt_str(data, "model") or ""
+        max_tokens = opt_int(data, "max_tokens")
+        if max_tokens is not None and max_tokens > self._config.max_tokens_to_sample:
+            raise BadRequest(
+                f"max_tokens exceeds maximum allowed value of {self._config.max_tokens_to_sample}: {max_tokens}"
+            )
+        if max_tokens is not None and max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1: {max_tokens}")
+        stream = bool(opt_bool(data, "stream"))
+        system_value = data.get("system")
+        system = "" if system_value is None else _joined_text(_text_blocks(system_value, "system"))
+
+        prompt = _flatten(messages)
+        if messages and messages[0]["role"] == "system":
+            hoisted = _joined_text(messages.pop(0)["content"])
+            system = f"{system}\n\n{hoisted}" if system else hoisted
+        model = model.removeprefix(f"{PROVIDER}/")
+
+        upstream: dict[str, Any] = {"messages": messages, "model": model}
+        for key, value in (
+            ("max_tokens", max_tokens),
+            ("temperature", opt_number(data, "temperature")),
+            ("top_p", opt_number(data, "top_p")),
+            ("top_k", opt_int(data, "top_k")),
+            ("stop_sequences", opt_str_list(data, "stop_sequences")),
+        ):
+            if value is not None:
+                upstream[key] = value
+        if stream:
+            upstream["stream"] = True
+        upstream["metadata"] = {"user_id": identifier}
+        if system:
+            upstream["system"] = system
+
+        prompt_chars = sum(len(_joined_text(m["content"])) for m in messages) + len(system)
+        call = AnthropicMessagesCall(
+            UpstreamRequest(url=self._url, headers=self._headers, body=orjson.dumps(upstream)),
+            CallInfo(
+                model=model,
+                stream=stream,
+                metadata={"stream": stream, "max_tokens": max_tokens},
+                max_tokens=max_tokens,
+            ),
+            FlagInput(model=model, prompt=prompt, max_tokens=max_tokens or 0, uses_tokenizer=True),
+            prompt_chars,
+            prompt,
+        )
+        call.set_prompt_tokenizer_tokens(count_tokens(prompt))
+        return call
+
+
+def _flatten(messages: list[dict[str, Any]]) -> str:
+    """The reference's flattened prompt; an unknown role makes it empty."""
+    parts: list[str] = []
+    for message in messages:
+        label = _ROLE_LABELS.get(message["role"])
+        if label is None:
+            return ""
+        parts.append(label + _joined_text(message["content"]) + "\n\n")
+    return "".join(parts)

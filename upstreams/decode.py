@@ -1,0 +1,112 @@
+"""Typed decoding of client JSON bodies: known fields only, wrong types are a 400.
+
+Go's decoder (the reference) matches keys case-insensitively and ignores
+unknown ones; ``known_fields`` does the same so clients written for it work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from errors import BadRequest
+
+_PREFIX = "failed to parse request body: "
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest(_PREFIX + "empty body")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(_PREFIX + f"invalid JSON: {exc.msg} at position {exc.pos}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest(_PREFIX + "the body must be a JSON object")
+    return data
+
+
+def known_fields(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Keep only ``names``, matching keys case-insensitively (exact spelling wins)."""
+    lowered = {n.lower(): n for n in names}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        canonical = lowered.get(key.lower())
+        if canonical is not None and (key == canonical or canonical not in out):
+            out[canonical] = value
+    return out
+
+
+def _fail(path: str, expected: str, value: Any) -> BadRequest:
+    return BadRequest(_PREFIX + f"field {path!r} must be {expected}, not {type(value).__name__}")
+
+
+def opt_str(data: Mapping[str, Any], key: str, path: str | None = None) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _fail(path or key, "a string", value)
+    return value
+
+
+def opt_int(data: Mapping[str, Any], key: str, path: str | None = None) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise _fail(path or key, "an integer", value)
+    return int(value)
+
+
+def opt_number(data: Mapping[str, Any], key: str, path: str | None = None) -> float | int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(path or key, "a number", value)
+    return value
+
+
+def opt_bool(data: Mapping[str, Any], key: str, path: str | None = None) -> bool | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise _fail(path or key, "a boolean", value)
+    return value
+
+
+def opt_str_list(data: Mapping[str, Any], key: str, path: str | None = None) -> list[str] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path or key, "a list of strings", value)
+    return value
+
+
+def opt_list(data: Mapping[str, Any], key: str, path: str | None = None) -> list[Any] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _fail(path or key, "a list", value)
+    return value
+
+
+def opt_object(data: Mapping[str, Any], key: str, path: str | None = None) -> dict[str, Any] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(path or key, "an object", value)
+    return value
+
+
+def require_object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, "an object", value)
+    return value

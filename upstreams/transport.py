@@ -1,0 +1,184 @@
+"""One upstream attempt over the shared curl AsyncHTTPClient.
+
+curl gives no cancel and no async backpressure. So: the body arrives through
+``streaming_callback`` (a plain function) straight into the caller's sink;
+headers through ``header_callback``; and a transfer is aborted by an
+``XFERINFOFUNCTION`` that returns non-zero once the caller sets ``abort``.
+Failures are classified into outcomes the pipeline maps to statuses:
+connect error, stall (curl low-speed), timeout, reset, client gone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pycurl
+from tornado.curl_httpclient import CurlError
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httputil import HTTPHeaders
+
+from conf.model import UpstreamConfig
+from upstreams.base import UpstreamRequest
+
+OK = "ok"
+CLIENT_GONE = "client_gone"
+CONNECT_ERROR = "connect_error"
+TIMEOUT = "timeout"
+STALL = "stall"
+RESET = "reset"
+ERROR = "error"
+
+_CONNECT_ERRNOS = frozenset({pycurl.E_COULDNT_CONNECT, pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY, pycurl.E_SSL_CONNECT_ERROR})
+_RESET_ERRNOS = frozenset({pycurl.E_GOT_NOTHING, pycurl.E_RECV_ERROR, pycurl.E_PARTIAL_FILE, pycurl.E_SEND_ERROR})
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What one upstream attempt produced."""
+
+    outcome: str = OK
+    status: int | None = None
+    headers: HTTPHeaders | None = None
+    message: str = ""
+    started_at: float = field(default_factory=time.monotonic)
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended_at or time.monotonic()) - self.started_at
+
+
+class AbortFlag:
+    __slots__ = ("set_",)
+
+    def __init__(self) -> None:
+        self.set_ = False
+
+    def set(self) -> None:
+        self.set_ = True
+
+    def progress(self, *_: Any) -> int:
+        """curl XFERINFOFUNCTION: non-zero aborts the transfer."""
+        return 1 if self.set_ else 0
+
+
+class Transport:
+    def __init__(self, client: AsyncHTTPClient, config: UpstreamConfig) -> None:
+        self._client = client
+        self._config = config
+
+    async def send(
+        self,
+        request: UpstreamRequest,
+        *,
+        timeout_s: float,
+        abort: AbortFlag,
+        on_headers: Callable[[int, HTTPHeaders], None],
+        on_chunk: Callable[[bytes], None],
+    ) -> Attempt:
+        attempt = Attempt()
+        stall_s = self._config.stall_timeout_s
+        parsed = _HeaderParser()
+
+        def dispatch_headers() -> None:
+            # Runs on the IOLoop. curl can deliver a small response's body before
+            # Tornado's queued header callbacks run, so headers are parsed
+            # synchronously inside curl (pure data, no application code) and
+            # handed over here, always before the first chunk.
+            if parsed.complete and attempt.status is None:
+                attempt.status = parsed.status
+                attempt.headers = parsed.headers
+                attempt.first_byte_at = time.monotonic()
+                on_headers(parsed.status, parsed.headers)
+
+        def chunk(data: bytes) -> None:
+            if attempt.status is None:
+                dispatch_headers()
+            on_chunk(data)
+
+        def prepare(curl: pycurl.Curl) -> None:
+            curl.setopt(pycurl.HEADERFUNCTION, parsed.feed)
+            curl.setopt(pycurl.NOPROGRESS, 0)
+            curl.setopt(pycurl.XFERINFOFUNCTION, abort.progress)
+            curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+            curl.setopt(pycurl.LOW_SPEED_TIME, stall_s)
+
+        http_request = HTTPRequest(
+            request.url,
+            method="POST",
+            headers=dict(request.headers),
+            body=request.body,
+            connect_timeout=self._config.connect_timeout_s,
+            request_timeout=timeout_s,
+            streaming_callback=chunk,
+            prepare_curl_callback=prepare,
+            decompress_response=False,
+            follow_redirects=False,
+            allow_nonstandard_methods=True,
+        )
+        response = await self._client.fetch(http_request, raise_error=False)
+        attempt.ended_at = time.monotonic()
+        dispatch_headers()
+        error = response.error
+        if error is None or not isinstance(error, CurlError):
+            if attempt.status is None:
+                attempt.status = response.code
+                attempt.headers = HTTPHeaders()
+                on_headers(response.code, attempt.headers)
+            return attempt
+        if abort.set_:
+            attempt.outcome = CLIENT_GONE
+        elif isinstance(error, CurlError):
+            attempt.outcome = _classify(error, attempt)
+        else:
+            attempt.outcome = ERROR
+        attempt.message = str(error)
+        return attempt
+
+
+class _HeaderParser:
+    """Collects the final response's status and headers (1xx blocks are skipped)."""
+
+    __slots__ = ("status", "headers", "complete")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers = HTTPHeaders()
+        self.complete = False
+
+    def feed(self, raw: bytes) -> None:
+        line = raw.decode("latin1").rstrip("\r\n")
+        if line.startswith("HTTP/"):
+            parts = line.split(" ", 2)
+            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.headers = HTTPHeaders()
+            self.complete = False
+        elif line:
+            try:
+                self.headers.parse_line(line)
+            except Exception:  # a garbled upstream header line is dropped, not fatal
+                pass
+        elif self.status >= 200:
+            self.complete = True
+
+
+def _classify(error: CurlError, attempt: Attempt) -> str:
+    errno = error.errno
+    if errno == pycurl.E_OPERATION_TIMEDOUT:
+        text = str(error).lower()
+        if "too slow" in text:
+            return STALL
+        if attempt.status is None and "connect" in text:
+            return CONNECT_ERROR
+        return TIMEOUT
+    if errno in _CONNECT_ERRNOS:
+        return CONNECT_ERROR
+    if errno in _RESET_ERRNOS:
+        return RESET
+    if errno == pycurl.E_ABORTED_BY_CALLBACK:
+        return CLIENT_GONE
+    return ERROR

@@ -1,0 +1,105 @@
+"""Builds the gateway's parts from the configuration (called once from gateway.serve).
+
+Kept apart from gateway.py so the entry point stays a thin sequence and
+each part's construction is in one readable place.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient
+
+from actors.anonymous import AnonymousSource
+from actors.base import ActorSource
+from actors.chain import SourceChain
+from actors.static import StaticSource
+from conf.loader import resolve_path
+from conf.model import Config
+from handlers.services import Services
+from limiter.base import Limiter
+from limiter.memory import MemoryLimiter
+from telemetry.event_logger import EventLogger
+from telemetry.sinks import build_sink
+
+log = logging.getLogger("gateway")
+
+
+async def build_limiter(config: Config) -> Limiter:
+    if not config.redis.endpoint:
+        log.info("limiter: in-process (no REDIS_ENDPOINT)")
+        return MemoryLimiter()
+    from limiter.failover import FailoverLimiter
+    from limiter.redis_connect import connect
+    from limiter.redis_limiter import RedisLimiter
+
+    client = connect(
+        config.redis.endpoint, timeout_ms=config.redis.timeout_ms, max_connections=config.redis.max_connections
+    )
+    log.info("limiter: Redis, failure policy %s", config.redis.failure_policy)
+    return FailoverLimiter(
+        RedisLimiter(client),
+        MemoryLimiter(),
+        policy=config.redis.failure_policy,
+        timeout_s=config.redis.timeout_ms / 1000,
+    )
+
+
+def build_event_logger(config: Config) -> EventLogger:
+    sink = build_sink(config.events, config.base_dir)
+    log.info("usage events: %s sink", sink.name)
+    return EventLogger(config.events, sink, base_dir=config.base_dir)
+
+
+def build_actor_chain(
+    config: Config, *, limiter: Limiter, http_client: AsyncHTTPClient
+) -> tuple[SourceChain, StaticSource | None]:
+    actors = config.actors
+    sources: list[ActorSource] = []
+    static: StaticSource | None = None
+    for name in actors.sources:
+        if name == "anonymous":
+            sources.append(
+                AnonymousSource(
+                    allow_anonymous=actors.allow_anonymous,
+                    concurrency_percentage=actors.concurrency_limit_percentage,
+                    concurrency_interval_s=actors.concurrency_limit_interval,
+                )
+            )
+        elif name == "static":
+            static = StaticSource(
+                Path(resolve_path(config, actors.static_file)),
+                concurrency_percentage=actors.concurrency_limit_percentage,
+                concurrency_interval_s=actors.concurrency_limit_interval,
+            )
+            static.load_initial()
+            sources.append(static)
+        elif name in ("dotcom-user", "product-subscriptions"):
+            if not actors.dotcom_access_token:
+                log.info("actor source %s is disabled: no CODY_GATEWAY_DOTCOM_ACCESS_TOKEN", name)
+                continue
+            remote = build_remote_source(name, config, limiter=limiter, http_client=http_client)
+            if remote is not None:
+                sources.append(remote)
+    return SourceChain(sources, local_cache_ttl_s=actors.local_cache_ttl), static
+
+
+def build_remote_source(name: str, config: Config, *, limiter: Limiter, http_client: AsyncHTTPClient) -> ActorSource | None:
+    log.warning("actor source %s is not available in this build", name)
+    return None
+
+
+async def attach_extras(services: Services, *, http_client: AsyncHTTPClient) -> list[Any]:
+    """Optional parts: health probes, hooks and their routes. Returns extra routes."""
+    events = services.events
+    probes = services.extras.setdefault("health_probes", {})
+
+    async def events_probe() -> dict[str, Any]:
+        stats = events.stats() if isinstance(events, EventLogger) else {}
+        healthy = events.healthy if isinstance(events, EventLogger) else True
+        return {"ok": healthy, **stats}
+
+    probes["events"] = events_probe
+    return []
