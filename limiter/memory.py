@@ -1,7 +1,10 @@
 """The in-process limiter: the embedded default, and the Redis limiter's twin.
 
-Same semantics as limiter/redis_limiter.py; it is exact within one process
-because the event loop runs each call to completion.
+Same semantics as limiter/redis_limiter.py (the same contract suite runs
+against both); it is exact within one process because the event loop runs
+each call to completion. Buckets that have refilled to full and hold no
+live lease are forgotten by a periodic sweep, as Redis lets such keys
+expire, so memory follows the active actors, not every actor ever seen.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass, field
 
 from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, LimitRule, LimitStatus
 
+SWEEP_INTERVAL_S = 60.0
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -21,12 +26,47 @@ class _Bucket:
     updated_at: float
     tokens_level: float | None = None
     leases: dict[str, float] = field(default_factory=dict)
+    # The last rule seen, so the sweep can tell a full bucket without one.
+    capacity: float = 0.0
+    rate: float = 0.0
+    tokens_capacity: float | None = None
+    tokens_rate: float = 0.0
+
+    def idle_and_full(self, now: float) -> bool:
+        if any(expiry > now for expiry in self.leases.values()):
+            return False
+        elapsed = max(0.0, now - self.updated_at)
+        if self.level + elapsed * self.rate < self.capacity:
+            return False
+        if self.tokens_level is not None and self.tokens_capacity is not None:
+            return self.tokens_level + elapsed * self.tokens_rate >= self.tokens_capacity
+        return True
+
+
+def _invalid(rule: LimitRule) -> bool:
+    return rule.limit <= 0 or rule.interval_s <= 0
+
+
+def _denied_invalid(rule: LimitRule) -> Decision:
+    return Decision(
+        allowed=False,
+        cause=QUOTA,
+        limit=max(0, rule.limit),
+        remaining=0,
+        retry_after_s=max(0.0, rule.interval_s),
+        reset_s=max(0.0, rule.interval_s),
+    )
 
 
 class MemoryLimiter:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._next_sweep = clock() + SWEEP_INTERVAL_S
+
+    def __len__(self) -> int:
+        """Buckets held in memory (a gauge for the metrics collector)."""
+        return len(self._buckets)
 
     def _refilled(self, rule: LimitRule, now: float) -> _Bucket:
         key = (rule.bucket, rule.feature)
@@ -35,13 +75,16 @@ class MemoryLimiter:
             bucket = _Bucket(level=float(rule.limit), updated_at=now)
             self._buckets[key] = bucket
         elapsed = max(0.0, now - bucket.updated_at)
-        bucket.level = min(float(rule.limit), bucket.level + elapsed * rule.refill_per_s)
+        bucket.capacity = float(rule.limit)
+        bucket.rate = rule.refill_per_s
+        bucket.level = min(bucket.capacity, bucket.level + elapsed * bucket.rate)
         if rule.tokens_limit is not None:
+            bucket.tokens_capacity = float(rule.tokens_limit)
+            bucket.tokens_rate = rule.tokens_limit / rule.interval_s
             if bucket.tokens_level is None:
-                bucket.tokens_level = float(rule.tokens_limit)
-            token_rate = rule.tokens_limit / rule.interval_s
+                bucket.tokens_level = bucket.tokens_capacity
             bucket.tokens_level = min(
-                float(rule.tokens_limit), bucket.tokens_level + elapsed * token_rate
+                bucket.tokens_capacity, bucket.tokens_level + elapsed * bucket.tokens_rate
             )
         bucket.updated_at = now
         if bucket.leases:
@@ -49,18 +92,29 @@ class MemoryLimiter:
                 del bucket.leases[lease_id]
         return bucket
 
+    def _sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL_S
+        for key in [k for k, b in self._buckets.items() if b.idle_and_full(now)]:
+            del self._buckets[key]
+
     async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
+        if _invalid(rule):
+            return _denied_invalid(rule)
         now = self._clock()
+        self._sweep(now)
         bucket = self._refilled(rule, now)
         rate = rule.refill_per_s
         if rule.concurrency > 0 and len(bucket.leases) >= rule.concurrency:
             soonest = min(bucket.leases.values())
+            # Requests in flight usually end soon: suggest a retry in one second.
             return Decision(
                 allowed=False,
                 cause=CONCURRENCY,
                 limit=rule.concurrency,
                 remaining=0,
-                retry_after_s=max(1.0, min(soonest - now, 1.0)),
+                retry_after_s=1.0,
                 reset_s=max(0.0, soonest - now),
             )
         if bucket.level < cost:
@@ -68,11 +122,20 @@ class MemoryLimiter:
                 allowed=False,
                 cause=QUOTA,
                 limit=rule.limit,
-                remaining=int(math.floor(bucket.level)),
+                remaining=max(0, int(math.floor(bucket.level))),
                 retry_after_s=(cost - bucket.level) / rate,
                 reset_s=(rule.limit - bucket.level) / rate,
             )
         if rule.tokens_limit is not None and bucket.tokens_level is not None:
+            if rule.tokens_limit <= 0:
+                return Decision(
+                    allowed=False,
+                    cause=TOKENS,
+                    limit=0,
+                    remaining=0,
+                    retry_after_s=rule.interval_s,
+                    reset_s=rule.interval_s,
+                )
             needed = max(1, token_reserve)
             if bucket.tokens_level < needed:
                 token_rate = rule.tokens_limit / rule.interval_s
@@ -94,7 +157,7 @@ class MemoryLimiter:
             allowed=True,
             cause=None,
             limit=rule.limit,
-            remaining=int(math.floor(bucket.level)),
+            remaining=max(0, int(math.floor(bucket.level))),
             retry_after_s=0.0,
             reset_s=(rule.limit - bucket.level) / rate,
             lease_id=lease_id,
@@ -111,14 +174,14 @@ class MemoryLimiter:
         actual_cost: int | None = None,
         actual_tokens: int | None = None,
     ) -> None:
-        if not decision.allowed:
+        if not decision.allowed or _invalid(rule):
             return
         bucket = self._refilled(rule, self._clock())
         if decision.lease_id is not None:
             bucket.leases.pop(decision.lease_id, None)
         if refund:
             bucket.level = min(float(rule.limit), bucket.level + decision.cost)
-            if bucket.tokens_level is not None and rule.tokens_limit is not None:
+            if bucket.tokens_level is not None and rule.tokens_limit:
                 bucket.tokens_level = min(
                     float(rule.tokens_limit), bucket.tokens_level + decision.token_reserve
                 )
@@ -134,7 +197,21 @@ class MemoryLimiter:
             )
 
     async def status(self, rule: LimitRule) -> LimitStatus:
-        bucket = self._refilled(rule, self._clock())
+        if _invalid(rule):
+            return LimitStatus(
+                limit=max(0, rule.limit), remaining=0, used=0, reset_s=0.0, in_flight=0,
+                tokens_limit=rule.tokens_limit,
+                tokens_remaining=None if rule.tokens_limit is None else 0,
+            )
+        now = self._clock()
+        key = (rule.bucket, rule.feature)
+        if key in self._buckets:
+            bucket = self._refilled(rule, now)
+        else:
+            # Reading must not create state (the Redis twin writes nothing either).
+            bucket = _Bucket(level=float(rule.limit), updated_at=now)
+            if rule.tokens_limit is not None:
+                bucket.tokens_level = float(rule.tokens_limit)
         rate = rule.refill_per_s
         return LimitStatus(
             limit=rule.limit,

@@ -1,0 +1,231 @@
+"""The production limiter: token buckets and concurrency leases in Redis.
+
+Each call is ONE round trip (EVALSHA of a script in limiter/scripts.py) on
+the three keys of one (actor, feature) bucket, which share a hash tag so
+Redis Cluster serves them from one slot. Scripts are called by SHA and
+loaded again when the server answers NOSCRIPT (restart, SCRIPT FLUSH,
+failover to a replica that never saw them).
+
+The client is not owned: whoever created it (see limiter/redis_connect.py)
+closes it, because the actor cache and the notifier share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from limiter import scripts
+from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, LimitRule, LimitStatus
+
+KEY_PREFIX = "rate_limit:"
+
+_CAUSES: dict[bytes | str, str] = {
+    b"quota": QUOTA,
+    b"concurrency": CONCURRENCY,
+    b"tokens": TOKENS,
+    "quota": QUOTA,
+    "concurrency": CONCURRENCY,
+    "tokens": TOKENS,
+}
+
+
+def bucket_keys(bucket: str, feature: str) -> tuple[str, str, str]:
+    """The bucket, token-quota and lease keys of one (actor, feature) pair.
+
+    Only the text between the first ``{`` and the next ``}`` is hashed by
+    Redis Cluster, and every key here starts with that same tag, so the
+    three keys share a slot whatever characters the actor id contains.
+    """
+    tag = "{" + feature + ":" + bucket + "}"
+    return (
+        f"{KEY_PREFIX}{tag}:bucket",
+        f"{KEY_PREFIX}{tag}:tokens",
+        f"{KEY_PREFIX}concurrent:{tag}",
+    )
+
+
+@dataclass(slots=True)
+class RedisLimiterStats:
+    """Plain counters, read by the metrics collector."""
+
+    script_calls: int = 0
+    noscript_replies: int = 0
+    script_loads: int = 0
+
+
+class _Script:
+    """A Lua script called by SHA, loaded again on NOSCRIPT.
+
+    Concurrent calls that all meet NOSCRIPT (after a Redis restart) load the
+    script once: the first loads it, the others wait and retry.
+    """
+
+    def __init__(self, client: Any, source: str, stats: RedisLimiterStats) -> None:
+        self._client = client
+        self._source = source
+        self._sha = hashlib.sha1(source.encode()).hexdigest()
+        self._stats = stats
+        self._load_lock = asyncio.Lock()
+        self._loads = 0
+
+    async def load(self) -> None:
+        seen = self._loads
+        async with self._load_lock:
+            if seen == self._loads:
+                self._sha = await self._client.script_load(self._source)
+                self._loads += 1
+                self._stats.script_loads += 1
+
+    async def __call__(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        self._stats.script_calls += 1
+        try:
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._stats.noscript_replies += 1
+            await self.load()
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+
+
+def _ms(seconds: float) -> str:
+    # repr keeps every digit of the float; Lua's tonumber reads it back exactly.
+    return repr(float(seconds) * 1000.0)
+
+
+def _denied_invalid(rule: LimitRule) -> Decision:
+    # A rule without a positive limit and interval admits nothing; answering
+    # here keeps a division by zero out of the scripts.
+    return Decision(
+        allowed=False,
+        cause=QUOTA,
+        limit=max(0, rule.limit),
+        remaining=0,
+        retry_after_s=max(0.0, rule.interval_s),
+        reset_s=max(0.0, rule.interval_s),
+    )
+
+
+class RedisLimiter:
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.stats = RedisLimiterStats()
+        self._acquire = _Script(client, scripts.ACQUIRE, self.stats)
+        self._release = _Script(client, scripts.RELEASE, self.stats)
+        self._status = _Script(client, scripts.STATUS, self.stats)
+
+    async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
+        if rule.limit <= 0 or rule.interval_s <= 0:
+            return _denied_invalid(rule)
+        lease_id = uuid.uuid4().hex if rule.concurrency > 0 else ""
+        reply = await self._acquire(
+            bucket_keys(rule.bucket, rule.feature),
+            (
+                rule.limit,
+                _ms(rule.interval_s),
+                cost,
+                rule.concurrency,
+                _ms(rule.lease_ttl_s),
+                lease_id,
+                -1 if rule.tokens_limit is None else rule.tokens_limit,
+                token_reserve,
+            ),
+        )
+        allowed = int(reply[0]) == 1
+        if not allowed:
+            return Decision(
+                allowed=False,
+                cause=_CAUSES[reply[1]],
+                limit=int(reply[2]),
+                remaining=int(reply[3]),
+                retry_after_s=int(reply[4]) / 1000.0,
+                reset_s=max(0, int(reply[5])) / 1000.0,
+            )
+        return Decision(
+            allowed=True,
+            cause=None,
+            limit=int(reply[2]),
+            remaining=int(reply[3]),
+            retry_after_s=0.0,
+            reset_s=max(0, int(reply[5])) / 1000.0,
+            lease_id=lease_id or None,
+            cost=cost,
+            token_reserve=token_reserve if rule.tokens_limit is not None else 0,
+        )
+
+    async def release(
+        self,
+        rule: LimitRule,
+        decision: Decision,
+        *,
+        refund: bool,
+        actual_cost: int | None = None,
+        actual_tokens: int | None = None,
+        only_if_leased: bool = False,
+    ) -> None:
+        """Free the lease and refund or settle.
+
+        ``only_if_leased`` makes a replayed release safe: it accounts only if
+        the lease was still held, so a release that did run before the
+        connection failed is not counted twice.
+        """
+        if not decision.allowed or rule.limit <= 0 or rule.interval_s <= 0:
+            return
+        await self._release(
+            bucket_keys(rule.bucket, rule.feature),
+            (
+                rule.limit,
+                _ms(rule.interval_s),
+                decision.lease_id or "",
+                "refund" if refund else "settle",
+                decision.cost,
+                "" if actual_cost is None else actual_cost,
+                -1 if rule.tokens_limit is None else rule.tokens_limit,
+                decision.token_reserve,
+                "" if actual_tokens is None else actual_tokens,
+                "1" if only_if_leased else "0",
+            ),
+        )
+
+    async def status(self, rule: LimitRule) -> LimitStatus:
+        if rule.limit <= 0 or rule.interval_s <= 0:
+            return LimitStatus(
+                limit=max(0, rule.limit), remaining=0, used=0, reset_s=0.0, in_flight=0,
+                tokens_limit=rule.tokens_limit,
+                tokens_remaining=None if rule.tokens_limit is None else 0,
+            )
+        reply = await self._status(
+            bucket_keys(rule.bucket, rule.feature),
+            (rule.limit, _ms(rule.interval_s), -1 if rule.tokens_limit is None else rule.tokens_limit),
+        )
+        tokens_remaining = int(reply[4])
+        return LimitStatus(
+            limit=rule.limit,
+            remaining=int(reply[0]),
+            used=int(reply[1]),
+            reset_s=max(0, int(reply[2])) / 1000.0,
+            in_flight=int(reply[3]),
+            tokens_limit=rule.tokens_limit,
+            tokens_remaining=None if rule.tokens_limit is None else max(0, tokens_remaining),
+        )
+
+    async def reset(self, bucket: str, feature: str) -> None:
+        # Usage only: the lease set belongs to requests still in flight.
+        bucket_key, tokens_key, _ = bucket_keys(bucket, feature)
+        await self._client.delete(bucket_key, tokens_key)
+
+    async def load_scripts(self) -> None:
+        """Load every script once at start, so the first requests pay no NOSCRIPT."""
+        for script in (self._acquire, self._release, self._status):
+            await script.load()
+
+    async def ping(self) -> None:
+        """One cheap round trip, used by the failover wrapper to see Redis come back."""
+        await self._client.ping()
+
+    async def close(self) -> None:
+        """Nothing to do: the client belongs to whoever created it."""

@@ -1,0 +1,237 @@
+"""Lua scripts of the Redis limiter, one module constant per script.
+
+Every script works on the three keys of ONE (actor, feature) bucket, which
+share the hash tag ``{<feature>:<actorId>}`` so a call touches one Redis
+Cluster slot:
+
+    KEYS[1]  rate_limit:{<feature>:<actorId>}:bucket    hash v=level, t=time (ms)
+    KEYS[2]  rate_limit:{<feature>:<actorId>}:tokens    hash v=level, t=time (ms)
+    KEYS[3]  rate_limit:concurrent:{<feature>:<actorId>} zset lease id -> expiry (ms)
+
+Time is the server's ``TIME``, so every gateway process agrees on it. Levels
+are stored as ``%.17g`` strings (exact round trip of a Lua double); a
+missing bucket key reads as a full bucket, so a bucket that refills to full
+is deleted and every stored bucket expires when it would be full again.
+Lua numbers are truncated to integers on the way out, so durations are
+returned in milliseconds (rounded up) and levels rounded down.
+"""
+
+from __future__ import annotations
+
+# Shared helpers, prepended to each script (after its header comment).
+_HELPERS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+
+-- The level of a bucket refilled up to `now`; a missing key is a full bucket.
+local function refilled(key, capacity, rate, now)
+  local state = redis.call('HMGET', key, 'v', 't')
+  local level = tonumber(state[1])
+  local at = tonumber(state[2])
+  if level == nil or at == nil then
+    return capacity
+  end
+  local elapsed = now - at
+  if elapsed < 0 then
+    elapsed = 0
+  end
+  level = level + elapsed * rate
+  if level > capacity then
+    level = capacity
+  end
+  return level
+end
+
+-- Persist a level. A full bucket needs no key; any other expires once it
+-- would have refilled to full (plus a second of slack for clock rounding).
+local function store(key, level, capacity, rate, now)
+  if level >= capacity then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'v', string.format('%.17g', level), 't', string.format('%.17g', now))
+  redis.call('PEXPIRE', key, math.ceil((capacity - level) / rate) + 1000)
+end
+
+local function floor0(x)
+  if x < 0 then
+    return 0
+  end
+  return math.floor(x)
+end
+"""
+
+ACQUIRE = (
+    """-- ACQUIRE: admit one request, all or nothing.
+-- KEYS[1] bucket hash, KEYS[2] token-quota hash, KEYS[3] lease zset (see module doc)
+-- ARGV[1] limit            bucket capacity (> 0)
+-- ARGV[2] interval_ms      the bucket refills `limit` per `interval_ms`
+-- ARGV[3] cost             units taken from the bucket
+-- ARGV[4] concurrency      max leases in flight; 0 = no lease is taken
+-- ARGV[5] lease_ttl_ms     a lease not released expires after this
+-- ARGV[6] lease_id         id of the lease to take (unused when concurrency = 0)
+-- ARGV[7] tokens_limit     token-quota capacity per interval; -1 = no token quota
+-- ARGV[8] token_reserve    tokens reserved from the quota (at least 1 must be left)
+-- Returns {allowed 1|0, cause ''|'concurrency'|'quota'|'tokens', limit, remaining,
+--          retry_after_ms, reset_ms}; limit/remaining/reset describe the constraint
+--          that decided (the feature bucket when allowed).
+"""
+    + _HELPERS
+    + """
+local limit = tonumber(ARGV[1])
+local interval_ms = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local concurrency = tonumber(ARGV[4])
+local lease_ttl_ms = tonumber(ARGV[5])
+local lease_id = ARGV[6]
+local tokens_limit = tonumber(ARGV[7])
+local token_reserve = tonumber(ARGV[8])
+local now = now_ms()
+
+if concurrency > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= concurrency then
+    local soonest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    -- Requests in flight usually end soon: suggest a retry in one second.
+    return {0, 'concurrency', concurrency, 0, 1000, math.ceil(tonumber(soonest[2]) - now)}
+  end
+end
+
+local rate = limit / interval_ms
+local level = refilled(KEYS[1], limit, rate, now)
+if level < cost then
+  return {0, 'quota', limit, floor0(level), math.ceil((cost - level) / rate),
+          math.ceil((limit - level) / rate)}
+end
+
+local token_level = nil
+local token_rate = 0
+if tokens_limit >= 0 then
+  if tokens_limit == 0 then
+    return {0, 'tokens', 0, 0, math.ceil(interval_ms), math.ceil(interval_ms)}
+  end
+  token_rate = tokens_limit / interval_ms
+  token_level = refilled(KEYS[2], tokens_limit, token_rate, now)
+  local needed = math.max(1, token_reserve)
+  if token_level < needed then
+    return {0, 'tokens', tokens_limit, floor0(token_level),
+            math.ceil((needed - token_level) / token_rate),
+            math.ceil((tokens_limit - token_level) / token_rate)}
+  end
+end
+
+level = level - cost
+store(KEYS[1], level, limit, rate, now)
+if token_level ~= nil then
+  store(KEYS[2], token_level - token_reserve, tokens_limit, token_rate, now)
+end
+if concurrency > 0 then
+  redis.call('ZADD', KEYS[3], now + lease_ttl_ms, lease_id)
+  if redis.call('PTTL', KEYS[3]) < lease_ttl_ms then
+    redis.call('PEXPIRE', KEYS[3], math.ceil(lease_ttl_ms))
+  end
+end
+return {1, '', limit, floor0(level), 0, math.ceil((limit - level) / rate)}
+"""
+)
+
+RELEASE = (
+    """-- RELEASE: end a request admitted by ACQUIRE.
+-- KEYS[1] bucket hash, KEYS[2] token-quota hash, KEYS[3] lease zset (see module doc)
+-- ARGV[1] limit            bucket capacity
+-- ARGV[2] interval_ms      refill interval
+-- ARGV[3] lease_id         lease to free; '' = none was taken
+-- ARGV[4] mode             'refund' (give the reservation back) or 'settle'
+-- ARGV[5] cost             units reserved at admission
+-- ARGV[6] actual_cost      units really used; '' = keep the reservation
+-- ARGV[7] tokens_limit     token-quota capacity; -1 = no token quota
+-- ARGV[8] token_reserve    tokens reserved at admission
+-- ARGV[9] actual_tokens    tokens really used; '' = keep the reservation
+-- ARGV[10] only_if_leased  '1' = account only if the lease was still held (a replay
+--                          that must not count twice)
+-- Returns {lease_removed 1|0, accounted 1|0}. Settling may take a level below zero:
+-- an under-estimate is paid for by waiting longer, never forgiven.
+"""
+    + _HELPERS
+    + """
+local limit = tonumber(ARGV[1])
+local interval_ms = tonumber(ARGV[2])
+local lease_id = ARGV[3]
+local refund = ARGV[4] == 'refund'
+local cost = tonumber(ARGV[5])
+local tokens_limit = tonumber(ARGV[7])
+local token_reserve = tonumber(ARGV[8])
+
+local removed = 0
+if lease_id ~= '' then
+  removed = redis.call('ZREM', KEYS[3], lease_id)
+end
+if ARGV[10] == '1' and removed == 0 then
+  return {0, 0}
+end
+
+local delta = 0
+local token_delta = 0
+if refund then
+  delta = cost
+  token_delta = token_reserve
+else
+  if ARGV[6] ~= '' then
+    delta = cost - tonumber(ARGV[6])
+  end
+  if ARGV[9] ~= '' then
+    token_delta = token_reserve - tonumber(ARGV[9])
+  end
+end
+
+local now = now_ms()
+if delta ~= 0 then
+  local rate = limit / interval_ms
+  local level = refilled(KEYS[1], limit, rate, now) + delta
+  if level > limit then
+    level = limit
+  end
+  store(KEYS[1], level, limit, rate, now)
+end
+if tokens_limit > 0 and token_delta ~= 0 then
+  local token_rate = tokens_limit / interval_ms
+  local token_level = refilled(KEYS[2], tokens_limit, token_rate, now) + token_delta
+  if token_level > tokens_limit then
+    token_level = tokens_limit
+  end
+  store(KEYS[2], token_level, tokens_limit, token_rate, now)
+end
+return {removed, 1}
+"""
+)
+
+STATUS = (
+    """-- STATUS: read a bucket without writing anything.
+-- KEYS[1] bucket hash, KEYS[2] token-quota hash, KEYS[3] lease zset (see module doc)
+-- ARGV[1] limit            bucket capacity
+-- ARGV[2] interval_ms      refill interval
+-- ARGV[3] tokens_limit     token-quota capacity; -1 = no token quota
+-- Returns {remaining, used, reset_ms, in_flight, tokens_remaining (-1 = no quota)}.
+"""
+    + _HELPERS
+    + """
+local limit = tonumber(ARGV[1])
+local interval_ms = tonumber(ARGV[2])
+local tokens_limit = tonumber(ARGV[3])
+local now = now_ms()
+
+local rate = limit / interval_ms
+local level = refilled(KEYS[1], limit, rate, now)
+local in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. string.format('%.17g', now), '+inf')
+local tokens_remaining = -1
+if tokens_limit > 0 then
+  tokens_remaining = floor0(refilled(KEYS[2], tokens_limit, tokens_limit / interval_ms, now))
+elseif tokens_limit == 0 then
+  tokens_remaining = 0
+end
+return {floor0(level), math.max(0, math.ceil(limit - level)), math.ceil((limit - level) / rate),
+        in_flight, tokens_remaining}
+"""
+)
