@@ -120,11 +120,18 @@ class Transport:
             follow_redirects=False,
             allow_nonstandard_methods=True,
         )
-        response = await self._client.fetch(http_request, raise_error=False)
+        error: Exception | None
+        try:
+            response = await self._client.fetch(http_request, raise_error=False)
+        except CurlError as exc:
+            # Since Tornado 6, raise_error=False only covers HTTP statuses;
+            # transport failures still raise.
+            response, error = None, exc
+        else:
+            error = response.error
         attempt.ended_at = time.monotonic()
         dispatch_headers()
-        error = response.error
-        if error is None or not isinstance(error, CurlError):
+        if response is not None and (error is None or not isinstance(error, CurlError)):
             if attempt.status is None:
                 attempt.status = response.code
                 attempt.headers = HTTPHeaders()
@@ -138,7 +145,6 @@ class Transport:
             attempt.outcome = ERROR
         attempt.message = str(error)
         return attempt
-
 
 class _HeaderParser:
     """Collects the final response's status and headers (1xx blocks are skipped)."""
