@@ -1,0 +1,318 @@
+"""The ``product-subscriptions`` source: ``slk_``/``sgs_`` tokens of enterprise subscriptions.
+
+Backed by the GraphQL operations ``CheckAccessToken`` (one token) and
+``ListProductSubscriptions`` (all of them, for the periodic sync), cached
+in Redis under ``v2:product-subscriptions:v2:<slk_ token>``. A cached actor
+is re-fetched when older than 24 hours; the sync keeps every active token
+fresh and removes tokens that no longer exist. When the API cannot be
+reached, cached actors keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from actors.base import ActorRecentlyUpdated, InvalidTokenFormat, NotFromSource, SourceUnavailable, TokenDenied
+from actors.graphql import GraphQLClient, GraphQLError, GraphQLResponseError
+from actors.model import Actor, RateLimit
+from actors.redis_cache import SUBSCRIPTIONS_NAMESPACE, ActorCache, make_actor_cache
+from actors.remote import (
+    ACCESS_FIELDS,
+    GRAPHQL_LIMIT_FIELDS,
+    NEGATIVE_TTL_S,
+    OUTAGE_SKIP_S,
+    CorruptEntry,
+    OnceLog,
+    ResetUsage,
+    SingleFlight,
+    changed_features,
+    decode_actor,
+    encode_actor,
+    graphql_rate_limit,
+    reset_features,
+)
+from actors.tokens import SUBSCRIPTION_PREFIX, TOKEN_LENGTH, check_token_format, normalise_subscription_token
+from conf.model import ActorsConfig
+
+log = logging.getLogger("gateway.actors.product_subscriptions")
+
+SOURCE_NAME = "product-subscriptions"
+CHECK_OPERATION = "CheckAccessToken"
+LIST_OPERATION = "ListProductSubscriptions"
+NOT_FOUND_CODE = "ErrProductSubscriptionNotFound"
+DENIED_REASON = "associated product subscription not found"
+REFRESH_AFTER_S = 24 * 3600.0
+ATTRIBUTION_PATH = "/v1/attribution"
+
+_STATE_FIELDS = (
+    "id uuid account { username } isArchived " + ACCESS_FIELDS + " activeLicense { info { tags } }"
+)
+CHECK_QUERY = (
+    "query CheckAccessToken($token: String!) { dotcom {"
+    " productSubscriptionByAccessToken(accessToken: $token) { " + _STATE_FIELDS + " } } }"
+)
+LIST_QUERY = (
+    "query ListProductSubscriptions { dotcom { productSubscriptions {"
+    " totalCount pageInfo { endCursor hasNextPage }"
+    " nodes { " + _STATE_FIELDS + " sourcegraphAccessTokens } } } }"
+)
+
+
+def subscription_account_name(state: Mapping[str, Any]) -> str:
+    """A ``customer:<name>`` license tag, else the account's username, else ""."""
+    license_ = state.get("activeLicense")
+    info = license_.get("info") if isinstance(license_, Mapping) else None
+    tags = info.get("tags") if isinstance(info, Mapping) else None
+    for tag in tags or ():
+        if isinstance(tag, str) and tag.startswith("customer:"):
+            return tag[len("customer:"):]
+    account = state.get("account")
+    if isinstance(account, Mapping) and account.get("username"):
+        return str(account["username"])
+    return ""
+
+
+def build_subscription_actor(
+    token: str,
+    state: Mapping[str, Any] | None,
+    *,
+    now: float,
+    percentage: float,
+    concurrency_interval_s: float,
+) -> Actor:
+    state = state or {}
+    uuid = str(state.get("uuid") or "")
+    if uuid.startswith("es_"):
+        uuid = uuid[3:]
+    archived = bool(state.get("isArchived"))
+    access = state.get("codyGatewayAccess")
+    access = access if isinstance(access, Mapping) else {}
+    rate_limits: dict[str, RateLimit] = {}
+    for feature, field_name in GRAPHQL_LIMIT_FIELDS.items():
+        # Every model the gateway allows (the reference ignores the API's list here).
+        limit = graphql_rate_limit(
+            access.get(field_name),
+            allowed_models=("*",),
+            percentage=percentage,
+            concurrency_interval_s=concurrency_interval_s,
+        )
+        if limit is not None and limit.interval_s > 0:
+            rate_limits[feature] = limit
+    return Actor(
+        id=uuid,
+        name=subscription_account_name(state) or uuid,
+        source=SOURCE_NAME,
+        access_enabled=bool(uuid) and not archived and bool(access.get("enabled")),
+        # Attribution stays available to bring-your-own-key customers whose
+        # Cody Gateway access is off; an archived subscription loses it too.
+        endpoint_access={ATTRIBUTION_PATH: bool(uuid) and not archived},
+        rate_limits=rate_limits,
+        last_updated=now,
+        key=token,
+    )
+
+
+class ProductSubscriptionSource:
+    name = SOURCE_NAME
+
+    def __init__(
+        self,
+        graphql: GraphQLClient,
+        redis: object | None,
+        config: ActorsConfig,
+        reset_usage: ResetUsage | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        cache: ActorCache | None = None,
+    ) -> None:
+        self._graphql = graphql
+        self._config = config
+        self._reset_usage = reset_usage
+        self._clock = clock
+        self._cache = cache or make_actor_cache(redis, SUBSCRIPTIONS_NAMESPACE, ttl_s=config.sources_cache_ttl, clock=clock)
+        self._flight: SingleFlight[Actor] = SingleFlight()
+        self._stale_log = OnceLog(log)
+        self.last_sync_pruned = 0
+
+    @property
+    def cache(self) -> ActorCache:
+        return self._cache
+
+    async def get(self, token: str) -> Actor:
+        if not token:
+            raise NotFromSource("no token provided")
+        token = normalise_subscription_token(token)
+        if not token.startswith(SUBSCRIPTION_PREFIX):
+            raise NotFromSource("unknown token prefix")
+        if len(token) != TOKEN_LENGTH:
+            raise InvalidTokenFormat()
+        cached = await self._read(token)
+        if cached is not None and not self._is_stale(cached):
+            return self._answer_from_cache(cached)
+        if cached is not None and self._graphql.failed_within(OUTAGE_SKIP_S):
+            return self._answer_from_cache(cached)
+        try:
+            actor = await self._flight.do(token, lambda: self._fetch_and_cache(token, cached))
+        except SourceUnavailable:
+            if cached is None:
+                raise
+            self._stale_log.warn("GraphQL API unavailable: serving cached subscription actors, refreshing later")
+            return self._answer_from_cache(cached)
+        self._stale_log.clear()
+        return actor
+
+    async def update(self, actor: Actor) -> Actor:
+        token = normalise_subscription_token(actor.key)
+        if not token.startswith(SUBSCRIPTION_PREFIX) or len(token) != TOKEN_LENGTH:
+            return actor
+        last = actor.last_updated
+        latest = await self._read(token)
+        if latest is not None and latest.last_updated is not None and (last is None or latest.last_updated > last):
+            last = latest.last_updated
+        now = self._clock()
+        cooldown = self._config.subscription_actor_cooldown
+        if last is not None and now - last < cooldown:
+            raise ActorRecentlyUpdated(last + cooldown - now)
+        return await self._flight.do(token, lambda: self._fetch_and_cache(token, latest or actor))
+
+    async def sync(self) -> int:
+        """Cache an actor for every token of every subscription, then drop tokens not seen."""
+        try:
+            data = await self._graphql.query(LIST_OPERATION, LIST_QUERY)
+        except GraphQLError as exc:
+            raise SourceUnavailable(f"failed to list subscriptions: {exc}") from exc
+        dotcom = data.get("dotcom")
+        listing = dotcom.get("productSubscriptions") if isinstance(dotcom, Mapping) else None
+        if not isinstance(listing, Mapping) or not isinstance(listing.get("nodes"), list):
+            raise SourceUnavailable("failed to list subscriptions: response has no productSubscriptions.nodes")
+        page_info = listing.get("pageInfo")
+        if isinstance(page_info, Mapping) and page_info.get("hasNextPage"):
+            log.warning("ListProductSubscriptions reports more pages; only the first is synced")
+        now = self._clock()
+        fresh: dict[str, Actor] = {}
+        malformed = 0
+        for node in listing["nodes"]:
+            if not isinstance(node, Mapping):
+                continue
+            for raw_token in node.get("sourcegraphAccessTokens") or ():
+                token = normalise_subscription_token(str(raw_token))
+                if not _is_subscription_token(token):
+                    malformed += 1
+                    continue
+                fresh[token] = self._build(token, node, now)
+        if malformed:
+            log.warning("sync skipped %d malformed subscription tokens", malformed)
+        await self._reset_changed(fresh)
+        await self._cache.set_many({token: encode_actor(actor) for token, actor in fresh.items()})
+        self.last_sync_pruned = await self._prune(set(fresh))
+        log.info("synced %d subscription tokens, pruned %d", len(fresh), self.last_sync_pruned)
+        return len(fresh)
+
+    def _build(self, token: str, state: Mapping[str, Any] | None, now: float) -> Actor:
+        return build_subscription_actor(
+            token,
+            state,
+            now=now,
+            percentage=self._config.concurrency_limit_percentage,
+            concurrency_interval_s=self._config.concurrency_limit_interval,
+        )
+
+    def _is_stale(self, actor: Actor) -> bool:
+        return actor.last_updated is None or self._clock() - actor.last_updated > REFRESH_AFTER_S
+
+    async def _read(self, token: str) -> Actor | None:
+        raw = await self._cache.get(token)
+        if raw is None:
+            return None
+        try:
+            return decode_actor(raw)
+        except CorruptEntry as exc:
+            log.error("deleting corrupt product-subscriptions cache entry: %s", exc)
+            await self._cache.delete(token)
+            return None
+
+    def _answer_from_cache(self, cached: Actor) -> Actor:
+        if cached.is_empty():
+            # The negative entry written when the API said "not found".
+            raise TokenDenied(DENIED_REASON)
+        return cached.with_updates(source=SOURCE_NAME)
+
+    async def _fetch_and_cache(self, token: str, old: Actor | None) -> Actor:
+        try:
+            data = await self._graphql.query(CHECK_OPERATION, CHECK_QUERY, {"token": token})
+        except GraphQLResponseError as exc:
+            if exc.has_code(NOT_FOUND_CODE):
+                await self._cache_negative(token)
+                raise TokenDenied(DENIED_REASON) from exc
+            raise SourceUnavailable(f"cannot validate access token right now: {exc}") from exc
+        except GraphQLError as exc:
+            raise SourceUnavailable(f"cannot validate access token right now: {exc}") from exc
+        dotcom = data.get("dotcom")
+        state = dotcom.get("productSubscriptionByAccessToken") if isinstance(dotcom, Mapping) else None
+        if not isinstance(state, Mapping):
+            await self._cache_negative(token)
+            raise TokenDenied(DENIED_REASON)
+        actor = self._build(token, state, self._clock())
+        if actor.is_empty():
+            await self._cache_negative(token)
+            raise TokenDenied(DENIED_REASON)
+        await reset_features(self._reset_usage, actor.id, changed_features(old, actor, reset_without_old=False))
+        await self._cache.set(token, encode_actor(actor))
+        return actor
+
+    async def _cache_negative(self, token: str) -> None:
+        await self._cache.set(token, encode_actor(self._build(token, None, self._clock())), ttl_s=NEGATIVE_TTL_S)
+
+    async def _reset_changed(self, fresh: Mapping[str, Actor]) -> None:
+        """Forget usage of subscriptions whose limits changed since their tokens were cached."""
+        if self._reset_usage is None or not fresh:
+            return
+        tokens = list(fresh)
+        previous = await self._cache.get_many(tokens)
+        done: set[tuple[str, str]] = set()
+        for token, raw in zip(tokens, previous):
+            if raw is None:
+                continue
+            try:
+                old = decode_actor(raw)
+            except CorruptEntry:
+                continue
+            actor = fresh[token]
+            features = [
+                f for f in changed_features(old, actor, reset_without_old=False) if (actor.id, f) not in done
+            ]
+            done.update((actor.id, f) for f in features)
+            await reset_features(self._reset_usage, actor.id, features)
+
+    async def _prune(self, seen: set[str]) -> int:
+        """Delete cached ``slk_`` tokens the listing no longer has; leave other keys alone."""
+        try:
+            keys = await self._cache.full_keys()
+        except Exception as exc:  # noqa: BLE001 - pruning is best effort
+            log.error("cannot list cached subscription tokens to prune: %s", exc)
+            return 0
+        stale: list[str] = []
+        for key in keys:
+            parts = key.split(":")
+            if len(parts) != 4:
+                # Never log the key: it may contain a token.
+                log.warning("skipping cache key with %d parts (expected 4)", len(parts))
+                continue
+            token = parts[3]
+            if token.startswith(SUBSCRIPTION_PREFIX) and token not in seen:
+                stale.append(token)
+        await self._cache.delete(*stale)
+        return len(stale)
+
+
+def _is_subscription_token(token: str) -> bool:
+    if not token.startswith(SUBSCRIPTION_PREFIX):
+        return False
+    try:
+        check_token_format(token)
+    except InvalidTokenFormat:
+        return False
+    return True

@@ -1,0 +1,172 @@
+"""Pieces shared by the two GraphQL-backed sources (dotcom-user, product-subscriptions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+from actors.limits import percentage_concurrency
+from actors.model import FEATURES, Actor, RateLimit
+
+log = logging.getLogger("gateway.actors.remote")
+
+# The reference's maybeResetUsageData hook: forget (actor id, feature) usage.
+ResetUsage = Callable[[str, str], Awaitable[None]]
+
+# Negative entries (token not found) are re-checked at least this often,
+# whatever the cache TTL, so a token that becomes valid is not locked out for a day.
+NEGATIVE_TTL_S = 15 * 60.0
+# After an outage is seen, stale actors are served without calling the API
+# again for this long, so a dead service costs one timeout, not one per request.
+OUTAGE_SKIP_S = 5.0
+
+# GraphQL rate-limit field per feature.
+GRAPHQL_LIMIT_FIELDS: Mapping[str, str] = {
+    "chat_completions": "chatCompletionsRateLimit",
+    "code_completions": "codeCompletionsRateLimit",
+    "embeddings": "embeddingsRateLimit",
+}
+
+RATE_LIMIT_FIELDS = "allowedModels source limit intervalSeconds"
+ACCESS_FIELDS = (
+    "codyGatewayAccess { enabled"
+    f" chatCompletionsRateLimit {{ {RATE_LIMIT_FIELDS} }}"
+    f" codeCompletionsRateLimit {{ {RATE_LIMIT_FIELDS} }}"
+    f" embeddingsRateLimit {{ {RATE_LIMIT_FIELDS} }} }}"
+)
+
+
+class CorruptEntry(Exception):
+    pass
+
+
+def decode_actor(raw: bytes) -> Actor:
+    """A cached actor; CorruptEntry for anything that is not one."""
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise CorruptEntry("not an object")
+        return Actor.from_json(data)
+    except CorruptEntry:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise CorruptEntry(str(exc)) from exc
+
+
+def encode_actor(actor: Actor) -> bytes:
+    return json.dumps(actor.to_json(), separators=(",", ":")).encode()
+
+
+def graphql_rate_limit(
+    spec: Any,
+    *,
+    allowed_models: tuple[str, ...] | None,
+    percentage: float,
+    concurrency_interval_s: float,
+) -> RateLimit | None:
+    """A RateLimit with percentage concurrency from a GraphQL rate-limit object (None if absent)."""
+    if not isinstance(spec, Mapping):
+        return None
+    try:
+        limit = int(spec.get("limit") or 0)
+        interval = float(spec.get("intervalSeconds") or 0)
+    except (TypeError, ValueError):
+        return None
+    models = allowed_models
+    if models is None:
+        raw = spec.get("allowedModels") or ()
+        models = tuple(str(m) for m in raw) if isinstance(raw, (list, tuple)) else ()
+    return RateLimit(
+        allowed_models=models,
+        limit=limit,
+        interval_s=interval,
+        concurrent_requests=percentage_concurrency(limit, interval, percentage),
+        concurrent_interval_s=concurrency_interval_s,
+    )
+
+
+def changed_features(old: Actor | None, new: Actor, *, reset_without_old: bool) -> list[str]:
+    """Features whose usage should be forgotten after ``new`` replaced ``old``.
+
+    Only features with a valid new limit count. With no comparable old actor
+    (none, empty, or another id) that is every such feature when
+    ``reset_without_old``; otherwise a feature counts when its old limit was
+    missing or its limit or interval changed.
+    """
+    if not new.id:
+        return []
+    comparable = old is not None and old.id == new.id
+    out: list[str] = []
+    for feature in FEATURES:
+        limit = new.limit_for(feature)
+        if limit is None:
+            continue
+        if not comparable:
+            if reset_without_old:
+                out.append(feature)
+            continue
+        assert old is not None
+        before = old.limit_for(feature)
+        if before is None or before.limit != limit.limit or before.interval_s != limit.interval_s:
+            out.append(feature)
+    return out
+
+
+async def reset_features(reset_usage: ResetUsage | None, actor_id: str, features: list[str]) -> None:
+    """Call the limiter's reset for each feature; a failure is logged, never raised."""
+    if reset_usage is None or not features:
+        return
+    results = await asyncio.gather(*(reset_usage(actor_id, f) for f in features), return_exceptions=True)
+    for feature, result in zip(features, results):
+        if isinstance(result, BaseException):
+            log.warning("usage reset for actor %s feature %s failed: %s", actor_id, feature, result)
+
+
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    """One in-flight call per key; concurrent callers share its result.
+
+    The call runs as its own task, so a caller that goes away (client
+    disconnect) does not cancel it for the others.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Task[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    async def do(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._inflight[key] = task
+            task.add_done_callback(lambda t, k=key: self._done(k, t))
+        return await asyncio.shield(task)
+
+    def _done(self, key: str, task: asyncio.Task[T]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here so an unawaited failure is not reported as lost
+
+
+class OnceLog:
+    """Log a recurring condition once until it clears."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._active = False
+
+    def warn(self, message: str, *args: object) -> None:
+        if not self._active:
+            self._active = True
+            self._log.warning(message, *args)
+
+    def clear(self) -> None:
+        self._active = False
