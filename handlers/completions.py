@@ -170,6 +170,7 @@ class CompletionsHandler(BodyHandler):
         self.upstream_ended: float | None = None
         self.time_to_first_byte_s: float | None = None
         self.outcome = OUTCOME_ERROR
+        self.chunks_relayed = 0
         self.extra_metadata: dict[str, Any] = {}
         self._error_body = bytearray()
         self._finalized = False
@@ -338,6 +339,7 @@ class CompletionsHandler(BodyHandler):
         call = self.call
         assert call is not None
         call.feed(chunk)
+        self.chunks_relayed += 1
         self.write(chunk)
         if not self.first_byte_sent:
             self.first_byte_sent = True
