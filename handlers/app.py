@@ -9,6 +9,7 @@ import tornado.web
 from handlers.base import NotFoundHandler
 from handlers.completions import CompletionsHandler
 from handlers.diagnostics import HealthHandler, UnknownDiagnosticsHandler, VersionHandler
+from handlers.limits import LimitsHandler, LimitsRefreshHandler
 from handlers.services import Services
 from upstreams.registry import completion_routes
 
@@ -19,6 +20,8 @@ def make_app(services: Services, extra_routes: list[Route] | None = None) -> tor
     routes: list[Route] = [
         (r"/-/__version", VersionHandler, {}),
         (r"/-/healthz", HealthHandler, {}),
+        (r"/v1/limits", LimitsHandler, {}),
+        (r"/v1/limits/refresh", LimitsRefreshHandler, {}),
     ]
     routes += extra_routes or []
     routes += [
