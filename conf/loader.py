@@ -67,7 +67,8 @@ def _leaves(
 
 
 def env_names(path: tuple[str, ...], leaf: Mapping[str, Any]) -> list[str]:
-    return [ENV_PREFIX + "_".join(path).upper(), *leaf.get("x-env", [])]
+    names = [ENV_PREFIX + "_".join(path).upper(), *leaf.get("x-env", [])]
+    return list(dict.fromkeys(names))
 
 
 def secret_env_names(schema: Mapping[str, Any] | None = None) -> list[str]:
