@@ -20,6 +20,12 @@ from __future__ import annotations
 
 # Shared helpers, prepended to each script (after its header comment).
 _HELPERS = """
+-- Redis < 5 replicates scripts verbatim and refuses writes after TIME unless
+-- told to replicate effects; Redis >= 5 always does and ignores this.
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
