@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML config file (default: conf/gateway.toml)")
     parser.add_argument("--port", type=int, help="port to listen on (overrides PORT and the config)")
     parser.add_argument("--host", help="address to listen on")
+    parser.add_argument("--processes", type=int, help="worker processes sharing the port (needs Redis)")
     parser.add_argument(
         "--demo",
         action="store_true",
@@ -42,7 +43,9 @@ def setup_logging(level: str) -> None:
     configure_logging(level)
 
 
-async def serve(config: Config, *, demo_token: str | None = None) -> None:
+async def serve(
+    config: Config, *, demo_token: str | None = None, sockets: list[socket.socket] | None = None, worker: int | None = None
+) -> None:
     """Build everything once, serve until SIGTERM/SIGINT, then drain and stop."""
     from tornado.httpclient import AsyncHTTPClient
     from tornado.httpserver import HTTPServer
@@ -89,10 +92,13 @@ async def serve(config: Config, *, demo_token: str | None = None) -> None:
         decompress_request=False,
         xheaders=False,
     )
-    sockets = _bind(config)
+    sockets = sockets or _bind(config)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
-    log.info("listening on http://%s:%d", config.host, port)
+    if worker is None:
+        log.info("listening on http://%s:%d", config.host, port)
+    else:
+        log.info("worker %d serving http://%s:%d", worker, config.host, port)
     if demo_token is not None:
         _print_demo_help(config.host, port, demo_token)
 
@@ -130,7 +136,76 @@ async def serve(config: Config, *, demo_token: str | None = None) -> None:
 def _bind(config: Config) -> list[socket.socket]:
     from tornado.netutil import bind_sockets
 
-    return bind_sockets(config.port, config.host, reuse_port=config.processes > 1)
+    return bind_sockets(config.port, config.host)
+
+
+def run_workers(config: Config) -> int:
+    """Pre-fork ``config.processes`` workers sharing one listening socket.
+
+    The parent only supervises: it forwards SIGTERM/SIGINT/SIGHUP to the
+    workers, restarts a worker that dies unexpectedly, and exits when all
+    have stopped. Metrics aggregate through prometheus-client's multiprocess
+    directory, which is created fresh here before any worker imports it.
+    """
+    import shutil
+    import time
+
+    sockets = _bind(config)
+    port = sockets[0].getsockname()[1]
+    metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(config.base_dir) / "var" / "prometheus")))
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            try:
+                _use_uvloop()
+                asyncio.run(serve(config, sockets=sockets, worker=index))
+            except BaseException:
+                log.exception("worker %d crashed", index)
+                os._exit(1)
+            os._exit(0)
+        children[pid] = index
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for index in range(config.processes):
+        spawn(index)
+    log.info("listening on http://%s:%d (%d worker processes)", config.host, port, config.processes)
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        if not stopping and code != 0:
+            log.error("worker %d exited with status %d; restarting it", index, code)
+            time.sleep(0.5)
+            spawn(index)
+        elif code != 0:
+            status = 1
+    return status
 
 
 def _version() -> str:
@@ -210,12 +285,26 @@ def main(argv: list[str] | None = None) -> int:
         overrides["port"] = args.port
     if args.host is not None:
         overrides["host"] = args.host
+    if args.processes is not None:
+        overrides["processes"] = args.processes
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.telemetry.log_level)
+    if config.processes > 1:
+        if args.demo:
+            print("gateway: --demo runs a single process", file=sys.stderr)
+            return 2
+        if not config.redis.endpoint:
+            print(
+                "gateway: invalid configuration:\n  processes: more than one process needs redis.endpoint "
+                "(REDIS_ENDPOINT), or every process would enforce the limits on its own",
+                file=sys.stderr,
+            )
+            return 2
+        return run_workers(config)
     _use_uvloop()
 
     async def run() -> None:
