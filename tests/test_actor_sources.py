@@ -32,7 +32,7 @@ from actors.sync_worker import LOCK_NAME, SyncWorker
 from conf.model import ActorsConfig
 from errors import ServiceUnavailable, Unauthorized, UpstreamError
 from tests.support.fake_graphql import FakeGraphQL
-from tests.support.redis_servers import RedisServer, redis_server, redis_server_session  # noqa: F401
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -484,7 +484,7 @@ def test_archived_and_disabled_subscriptions() -> None:
     run(scenario)
 
 
-def test_subscription_sync_caches_every_token_and_prunes(redis_server: RedisServer) -> None:  # noqa: F811
+def test_subscription_sync_caches_every_token_and_prunes(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         async with environment(redis_server.url) as env:
             add_acme(env.fake)
@@ -552,7 +552,7 @@ def test_sync_prunes_in_memory_cache_too() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_two_sync_workers_share_one_lock(redis_server: RedisServer) -> None:  # noqa: F811
+def test_two_sync_workers_share_one_lock(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         async with environment(redis_server.url) as env:
             add_acme(env.fake)
@@ -585,7 +585,7 @@ def test_two_sync_workers_share_one_lock(redis_server: RedisServer) -> None:  # 
 
 
 @pytest.mark.timeout(30)
-def test_sync_worker_takes_over_an_expired_lock(redis_server: RedisServer) -> None:  # noqa: F811
+def test_sync_worker_takes_over_an_expired_lock(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         async with environment(redis_server.url) as env:
             add_acme(env.fake)

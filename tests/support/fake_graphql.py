@@ -229,3 +229,48 @@ def _not_found(field: str, code: str, message: str) -> dict[str, Any]:
         "data": {"dotcom": {field: None}},
         "errors": [{"message": message, "path": ["dotcom", field], "extensions": {"code": code}}],
     }
+
+
+class FakeGraphQLThread:
+    """The fake on its own event loop in a thread, for tests that talk to a gateway process.
+
+    ``call(fn)`` runs a plain function (fixture edits) on the fake's loop;
+    ``run(coro_fn)`` runs a coroutine function there (go_down, come_back).
+    """
+
+    def __init__(self, service_token: str = "sgs-service-token") -> None:
+        import threading
+
+        self.fake = FakeGraphQL(service_token)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-graphql", daemon=True)
+        self._thread.start()
+        self.run(self.fake.start)
+
+    @property
+    def url(self) -> str:
+        return self.fake.url
+
+    @property
+    def service_token(self) -> str:
+        return self.fake.service_token
+
+    def run(self, coro_fn: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self._loop).result(timeout)
+
+    def call(self, fn: Any, timeout: float = 10.0) -> Any:
+        async def wrapper() -> Any:
+            return fn(self.fake)
+
+        return self.run(wrapper, timeout)
+
+    def calls(self, operation: str) -> int:
+        return int(self.call(lambda fake: fake.calls[operation]))
+
+    def stop(self) -> None:
+        try:
+            self.run(self.fake.stop)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
