@@ -792,3 +792,54 @@ def test_attribution_search() -> None:
                 await search.search("x", 1)
 
     run(scenario)
+
+
+@pytest.mark.timeout(60)
+def test_cache_sync_and_lock_on_redis_cluster(redis_cluster: Any) -> None:
+    from limiter.redis_connect import connect
+
+    async def scenario() -> None:
+        async with environment(None) as env:
+            client = connect(redis_cluster.url, timeout_ms=2000, max_connections=16)
+            try:
+                env.redis = client
+                add_alice(env.fake)
+                add_acme(env.fake)
+                env.fake.add_subscription("globex", [OTHER_SUB_TOKEN], code=(50, 86400, []))
+                users, subs = env.users(), env.subs()
+                assert (await users.get(USER_TOKEN)).id == "123456"
+                assert (await env.users().get(USER_TOKEN)).id == "123456"
+                assert env.fake.calls["CheckDotcomUserAccessToken"] == 1
+                # Keys of many slots: SCAN over every node, MGET and DEL split by slot.
+                gone = [token("slk_", f"revoked-{i}") for i in range(20)]
+                for tok in gone:
+                    await client.set(cache_prefix("product-subscriptions") + tok, b"{}")
+                assert await subs.sync() == 3
+                assert subs.last_sync_pruned == 20
+                env.fake.remove_subscription("globex")
+                add_acme(env.fake, code=(5, 86400, []))
+                env.fake.subscriptions = env.fake.subscriptions[-1:]
+                assert await subs.sync() == 2
+                assert env.resets[-1] == ("3b8c-acme", "code_completions")
+                assert subs.last_sync_pruned == 1
+                assert (await subs.get(SUB_TOKEN)).limit_for("code_completions").limit == 5  # type: ignore[union-attr]
+                assert env.fake.calls["CheckAccessToken"] == 0
+
+                worker_a = SyncWorker(subs.sync, client, interval_s=0.05)
+                worker_b = SyncWorker(env.subs().sync, client, interval_s=0.05)
+                try:
+                    worker_a.start()
+                    await eventually(lambda: worker_a.syncs >= 1, what="worker A on the cluster")
+                    worker_b.start()
+                    await eventually(lambda: worker_b.skipped >= 2, what="worker B skipping")
+                    assert worker_b.syncs == 0
+                    await worker_a.stop()
+                    await eventually(lambda: worker_b.syncs >= 1, what="worker B taking over")
+                finally:
+                    await worker_a.stop()
+                    await worker_b.stop()
+            finally:
+                await client.aclose()
+                env.redis = None
+
+    run(scenario)
