@@ -17,6 +17,7 @@ class ServerConfig:
     drain_timeout_s: float
     auto_flush_streaming: bool
     max_messages: int
+    max_client_buffer_bytes: int
 
 
 @dataclass(frozen=True, slots=True)

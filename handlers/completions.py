@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from tornado.httputil import HTTPHeaders
+from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
 from actors.limits import evaluate_allowed_models, is_model_allowed, prefix_bare_models
@@ -51,11 +52,14 @@ HOP_BY_HOP = frozenset(
 # server identity headers would describe the provider rather than us.
 NOT_RELAYED = HOP_BY_HOP | frozenset({"content-length", "set-cookie", "set-cookie2", "server", "date", "x-http-reason"})
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Without auto-flush, relay in blocks of this size (as Go's http server does).
+_FLUSH_THRESHOLD = 4096
 
 OUTCOME_COMPLETE = "complete"
 OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
 OUTCOME_UPSTREAM_ERROR = "upstream_error"
 OUTCOME_ERROR = "error"
+OUTCOME_CLIENT_TOO_SLOW = "client_too_slow"
 
 
 def go_time(ts: float) -> str:
@@ -175,6 +179,11 @@ class CompletionsHandler(BodyHandler):
         self._error_body = bytearray()
         self._finalized = False
         self._auto_flush = services.config.server.auto_flush_streaming
+        self._max_client_buffer = services.config.server.max_client_buffer_bytes
+        self._flush_scheduled = False
+        self._unflushed = 0
+        self._pending_bytes = 0
+        self.client_too_slow = False
 
     async def prepare(self) -> None:
         self.start_span()
@@ -341,20 +350,46 @@ class CompletionsHandler(BodyHandler):
         call.feed(chunk)
         self.chunks_relayed += 1
         self.write(chunk)
+        self._unflushed += len(chunk)
         if not self.first_byte_sent:
             self.first_byte_sent = True
             self.time_to_first_byte_s = time.monotonic() - self.started_at
             self._flush()
-        elif self._auto_flush:
-            self._flush()
+        elif self._auto_flush or self._unflushed >= _FLUSH_THRESHOLD:
+            # Chunks curl delivers in one loop iteration share one flush (one send).
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                IOLoop.current().add_callback(self._flush)
+        if self._pending_bytes + self._unflushed > self._max_client_buffer:
+            # The client reads slower than the model writes; holding an unbounded
+            # backlog for it would let one slow reader exhaust memory.
+            self.client_too_slow = True
+            self.abort.set()
 
     def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._finished or self.client_gone:
+            return
+        amount = self._unflushed
+        self._unflushed = 0
+        self._pending_bytes += amount
         future = self.flush()
-        # A client that went away fails the flush; on_connection_close handles it.
-        future.add_done_callback(_ignore_stream_closed)
+
+        def flushed(f: Any) -> None:
+            self._pending_bytes -= amount
+            _ignore_stream_closed(f)
+
+        future.add_done_callback(flushed)
 
     async def _conclude(self, call: ProviderCall, attempt: tp.Attempt) -> None:
         provider = self.provider.name
+        if self.client_too_slow and not self.client_gone:
+            call.finish()
+            self.outcome = OUTCOME_CLIENT_TOO_SLOW
+            log.warning("ending a %s stream: the client reads too slowly", provider)
+            self.write(call.stream_error_event("stream ended by the gateway: the client is not reading fast enough"))
+            self.finish()
+            return
         if attempt.outcome == tp.CLIENT_GONE or self.client_gone:
             self.outcome = OUTCOME_CLIENT_DISCONNECTED
             call.finish()
