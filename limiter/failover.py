@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from limiter.base import Decision, LimitRule, LimiterUnavailable, LimitStatus
@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 FAIL_OPEN = "fail_open"
 FAIL_CLOSED = "fail_closed"
 
-# Redis errors, socket errors, and our own timeout (TimeoutError in 3.11).
-_FAILURES = (RedisError, OSError, TimeoutError)
+# Redis errors (the cluster client's own exceptions are not RedisErrors),
+# socket errors, and our own timeout (TimeoutError in 3.11).
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 T = TypeVar("T")
 

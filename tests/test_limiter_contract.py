@@ -30,6 +30,7 @@ from limiter.memory import MemoryLimiter
 from limiter.redis_connect import connect
 from limiter.redis_limiter import RedisLimiter, bucket_keys
 from tests.support.redis_servers import RedisClusterServers, RedisServer
+from tests.support.redis_servers import redis_cluster_private  # noqa: F401  (fixture; move to conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURE = "chat_completions"
@@ -727,6 +728,55 @@ def test_release_goes_to_the_limiter_that_granted(redis_server_private: RedisSer
             assert status.in_flight == 0 and status.remaining == 10
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(120)
+def test_cluster_node_outage_and_return(
+    redis_cluster_private: RedisClusterServers, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    caplog.set_level(logging.INFO, logger="limiter.failover")
+    cluster = redis_cluster_private
+    r = rule(limit=1000, concurrency=5)
+    node = cluster.node_for(bucket_keys(r.bucket, r.feature)[0])
+
+    async def main() -> None:
+        client = connect(cluster.url, timeout_ms=300, max_connections=16)
+        fallback = MemoryLimiter()
+        limiter = FailoverLimiter(RedisLimiter(client), fallback, FAIL_OPEN, 0.3, probe_interval_s=0.2)
+        try:
+            first = await limiter.acquire(r)
+            assert first.allowed and not isinstance(first, FallbackDecision)
+            await limiter.release(r, first, refund=True)
+
+            await asyncio.to_thread(node.stop)
+            started = time.monotonic()
+            during = []
+            for _ in range(20):
+                d = await limiter.acquire(r)
+                await limiter.release(r, d, refund=True)
+                during.append(d)
+            elapsed = time.monotonic() - started
+            print(f"\n[cluster] slot owner down: 20 requests in {elapsed * 1000:.0f} ms, stats {limiter.stats}")
+            assert all(d.allowed and isinstance(d, FallbackDecision) for d in during)
+            assert elapsed < 1.5
+
+            await asyncio.to_thread(node.start)  # same port: it rejoins from its nodes.conf
+            await asyncio.to_thread(cluster.wait_ready, 30.0)
+
+            async def back_on_redis() -> bool:
+                d = await limiter.acquire(r)
+                await limiter.release(r, d, refund=True)
+                return not isinstance(d, FallbackDecision) and not limiter.in_outage
+
+            await wait_for(back_on_redis, deadline_s=30, what="the limiter to return to the cluster")
+        finally:
+            await limiter.close()
+            await client.aclose()
+
+    asyncio.run(main())
+    warnings, infos = outage_logs(caplog)
+    print(f"[cluster] outage log lines: {len(warnings)} warnings, {len(infos)} infos")
+    assert len(warnings) >= 1 and len(infos) >= 1
 
 
 # -- connect -----------------------------------------------------------------------

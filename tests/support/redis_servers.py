@@ -9,6 +9,7 @@ Fixtures (import them into tests/conftest.py):
     redis_server_private   function: a server of its own, free to stop/restart/pause
     redis_cluster_session  session: a shared 3-node cluster (skipped if cluster mode cannot run)
     redis_cluster          function: the shared cluster, every node flushed before the test
+    redis_cluster_private  function: a cluster of its own, free to stop/restart nodes (~3 s to start)
 """
 
 from __future__ import annotations
@@ -208,12 +209,28 @@ class RedisClusterServers:
                 "redis-cli --cluster create failed: " + create.stdout.decode(errors="replace")[-1500:]
                 + create.stderr.decode(errors="replace")[-500:]
             )
-        wait_until(self._ready, deadline_s=CLUSTER_DEADLINE_S, what="cluster_state:ok on every node", poll_s=0.05)
+        self.wait_ready()
+
+    def wait_ready(self, deadline_s: float = CLUSTER_DEADLINE_S) -> None:
+        wait_until(self._ready, deadline_s=deadline_s, what="cluster_state:ok on every node", poll_s=0.05)
+
+    def node_for(self, key: str) -> RedisServer:
+        """The node serving ``key``'s slot."""
+        asked = next(node for node in self.nodes if node.running)
+        with contextlib.closing(asked.client()) as conn:
+            slot = int(conn.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in conn.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return next(n for n in self.nodes if n.port == int(primary[1]))
+        raise LookupError(key)
 
     def _ready(self) -> bool:
         for node in self.nodes:
-            with contextlib.closing(node.client()) as conn:
-                info = conn.execute_command("CLUSTER", "INFO")
+            try:
+                with contextlib.closing(node.client()) as conn:
+                    info = conn.execute_command("CLUSTER", "INFO")
+            except (redis.ConnectionError, redis.TimeoutError):
+                return False
             text = info.decode() if isinstance(info, bytes) else str(info)
             if "cluster_state:ok" not in text or f"cluster_known_nodes:{len(self.nodes)}" not in text:
                 return False
@@ -260,14 +277,19 @@ def redis_server_private(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+def _started_cluster(workdir: Path) -> RedisClusterServers:
+    cluster = RedisClusterServers(workdir)
     try:
         cluster.start()
     except (ServerStartError, TimeoutError, subprocess.TimeoutExpired) as err:
         cluster.stop()
         pytest.skip(f"Redis Cluster mode cannot run here: {err}")
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = _started_cluster(tmp_path_factory.mktemp("redis-cluster"))
     try:
         yield cluster
     finally:
@@ -278,3 +300,12 @@ def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def redis_cluster(redis_cluster_session: RedisClusterServers) -> RedisClusterServers:
     redis_cluster_session.flushall()
     return redis_cluster_session
+
+
+@pytest.fixture
+def redis_cluster_private(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    cluster = _started_cluster(tmp_path / "redis-cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
