@@ -429,6 +429,26 @@ def test_status_does_not_create_state(backend: Backend) -> None:
     run(backend, body)
 
 
+def test_memory_limiter_forgets_idle_full_buckets() -> None:
+    now = [1_000.0]
+    limiter = MemoryLimiter(clock=lambda: now[0])
+
+    async def main() -> None:
+        idle = rule(limit=10, interval_s=10.0)
+        busy = rule(limit=10, interval_s=10.0, concurrency=2, lease_ttl_s=1_000.0)
+        await limiter.acquire(idle, cost=5)
+        await limiter.acquire(busy)
+        assert len(limiter) == 2
+        now[0] += 61.0  # past the sweep interval; the idle bucket is full again
+        await limiter.acquire(rule(limit=10))
+        # The idle bucket is gone; the busy one (it holds a lease) and the new one remain.
+        assert len(limiter) == 2
+        assert (await limiter.status(busy)).in_flight == 1
+        assert (await limiter.status(idle)).remaining == 10
+
+    asyncio.run(main())
+
+
 # -- Redis only ----------------------------------------------------------------
 
 
