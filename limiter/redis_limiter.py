@@ -6,8 +6,9 @@ Redis Cluster serves them from one slot. Scripts are called by SHA and
 loaded again when the server answers NOSCRIPT (restart, SCRIPT FLUSH,
 failover to a replica that never saw them).
 
-The client is not owned: whoever created it (see limiter/redis_connect.py)
-closes it, because the actor cache and the notifier share it.
+The client is closed by ``close()`` only when ``owns_client`` is set: a
+client shared with the actor cache or the notifier is closed by whoever
+created it (see limiter/redis_connect.py).
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def _denied_invalid(rule: LimitRule) -> Decision:
 
 
 class RedisLimiter:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, owns_client: bool = False) -> None:
         self._client = client
+        self._owns_client = owns_client
         self.stats = RedisLimiterStats()
         self._acquire = _Script(client, scripts.ACQUIRE, self.stats)
         self._release = _Script(client, scripts.RELEASE, self.stats)
@@ -228,4 +230,5 @@ class RedisLimiter:
         await self._client.ping()
 
     async def close(self) -> None:
-        """Nothing to do: the client belongs to whoever created it."""
+        if self._owns_client:
+            await self._client.aclose()
