@@ -2,6 +2,14 @@
 
 A provider without an access token is disabled: its routes are not
 registered (they answer 404) and that is logged once at start.
+
+    /v1/completions/anthropic            Anthropic text completions (legacy)   ANTHROPIC_ACCESS_TOKEN
+    /v1/completions/anthropic-messages   Anthropic Messages                    ANTHROPIC_ACCESS_TOKEN
+    /anthropic/v1/messages               same, for the Anthropic SDK           ANTHROPIC_ACCESS_TOKEN
+    /v1/completions/openai               OpenAI chat completions               OPENAI_ACCESS_TOKEN
+    /openai/v1/chat/completions          same, for the OpenAI SDK              OPENAI_ACCESS_TOKEN
+    /v1/completions/fireworks            Fireworks (chat or text by feature)   FIREWORKS_ACCESS_TOKEN
+    /v1/completions/google               Google Gemini                         GOOGLE_ACCESS_TOKEN
 """
 
 from __future__ import annotations
@@ -10,8 +18,12 @@ import logging
 from dataclasses import dataclass
 
 from conf.model import Config
+from upstreams.anthropic_legacy import AnthropicLegacyProvider
 from upstreams.anthropic_messages import AnthropicMessagesProvider
 from upstreams.base import Provider
+from upstreams.fireworks import FireworksProvider
+from upstreams.google import GoogleProvider
+from upstreams.openai_chat import OpenAIChatProvider
 
 log = logging.getLogger("gateway")
 
@@ -24,15 +36,45 @@ class CompletionRoute:
     sdk_route: bool = False
 
 
+def _disabled(provider: str) -> None:
+    log.warning(
+        "provider %s is disabled: no access token (CODY_GATEWAY_%s_ACCESS_TOKEN)", provider, provider.upper()
+    )
+
+
 def completion_routes(config: Config) -> list[CompletionRoute]:
+    providers = config.providers
+    max_messages = config.server.max_messages
     routes: list[CompletionRoute] = []
-    anthropic = config.providers.anthropic
+
+    anthropic = providers.anthropic
     if anthropic.access_token:
-        messages = AnthropicMessagesProvider(anthropic, max_messages=config.server.max_messages)
+        messages = AnthropicMessagesProvider(anthropic, max_messages=max_messages)
         routes += [
+            CompletionRoute("/v1/completions/anthropic", AnthropicLegacyProvider(anthropic)),
             CompletionRoute("/v1/completions/anthropic-messages", messages),
             CompletionRoute("/anthropic/v1/messages", messages, sdk_route=True),
         ]
     else:
-        log.warning("provider anthropic is disabled: no access token (CODY_GATEWAY_ANTHROPIC_ACCESS_TOKEN)")
+        _disabled("anthropic")
+
+    openai = providers.openai
+    if openai.access_token:
+        chat = OpenAIChatProvider(openai, max_messages=max_messages)
+        routes += [
+            CompletionRoute("/v1/completions/openai", chat),
+            CompletionRoute("/openai/v1/chat/completions", chat, sdk_route=True),
+        ]
+    else:
+        _disabled("openai")
+
+    if providers.fireworks.access_token:
+        routes.append(CompletionRoute("/v1/completions/fireworks", FireworksProvider(providers.fireworks, max_messages=max_messages)))
+    else:
+        _disabled("fireworks")
+
+    if providers.google.access_token:
+        routes.append(CompletionRoute("/v1/completions/google", GoogleProvider(providers.google, max_messages=max_messages)))
+    else:
+        _disabled("google")
     return routes

@@ -1,0 +1,158 @@
+"""What every per-request provider call shares: watching the relayed body for usage.
+
+A provider call sees each relayed chunk once (``feed``) and is told once that
+the body ended or was cut short (``finish``). Streams go through the
+incremental SSE parser and the subclass reads each event; other bodies are
+kept (bounded) and decoded as one JSON document at the end. Whatever the
+provider did not report is filled in from the offline tokenizer, so a count
+is either the provider's own number, a tokenizer count, or None (unknown).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest, Usage
+from upstreams.sse import SSEParser
+from upstreams.tokenizer import count_tokens
+
+log = logging.getLogger("gateway.upstreams")
+
+# Completion text kept for the tokenizer fallback; beyond it the count is
+# scaled from the kept part instead of holding an unbounded string.
+MAX_TEXT_FOR_TOKENIZER = 1 << 20
+# A non-streamed response body larger than this is relayed but not parsed.
+MAX_BODY_FOR_USAGE = 8 << 20
+
+
+class BufferedCall:
+    """Base of the provider calls; subclasses implement ``_on_event``, ``_on_body``
+    and ``stream_error_event``."""
+
+    def __init__(
+        self,
+        upstream: UpstreamRequest,
+        info: CallInfo,
+        flag: FlagInput | None,
+        *,
+        prompt_chars: int,
+        prompt_text: str,
+    ) -> None:
+        self.info = info
+        self._request = upstream
+        self._flag = flag
+        self._prompt_text = prompt_text
+        self._usage = Usage(prompt_chars=prompt_chars)
+        self._text: list[str] = []
+        self._text_len = 0
+        self._body = bytearray()
+        self._body_overflow = False
+        self._parser = SSEParser(self._on_event) if info.stream else None
+        self._finished = False
+        # Set when the provider itself ended a 200 stream with an error event.
+        self.in_band_error: str | None = None
+
+    # -- ProviderCall ------------------------------------------------------------
+
+    def upstream_request(self) -> UpstreamRequest:
+        return self._request
+
+    def flag_input(self) -> FlagInput | None:
+        return self._flag
+
+    def feed(self, chunk: bytes) -> None:
+        if self._parser is not None:
+            self._parser.feed(chunk)
+        elif not self._body_overflow:
+            if len(self._body) + len(chunk) > MAX_BODY_FOR_USAGE:
+                self._body_overflow = True
+                self._body = bytearray()
+            else:
+                self._body += chunk
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._parser is not None:
+            self._parser.close()
+        elif self._body:
+            try:
+                data = orjson.loads(self._body)
+            except orjson.JSONDecodeError:
+                data = None
+            self._body = bytearray()
+            if isinstance(data, dict):
+                self._on_body(data)
+        elif self._body_overflow:
+            log.warning("%s response too large to count usage", self.__class__.__name__)
+        self._fill_from_tokenizer()
+
+    def usage(self) -> Usage:
+        return self._usage
+
+    def set_prompt_tokenizer_tokens(self, count: int) -> None:
+        """The flagging step counts the prompt once; the count is reused here."""
+        self._usage.prompt_tokenizer_tokens = count
+
+    def stream_error_event(self, message: str) -> bytes:
+        raise NotImplementedError
+
+    # -- for subclasses ------------------------------------------------------------
+
+    def _on_event(self, name: bytes, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _on_body(self, data: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _add_text(self, text: str) -> None:
+        if not text:
+            self._usage.completion_chars = self._usage.completion_chars or 0
+            return
+        self._usage.completion_chars = (self._usage.completion_chars or 0) + len(text)
+        if self._text_len < MAX_TEXT_FOR_TOKENIZER:
+            self._text.append(text)
+            self._text_len += len(text)
+
+    def _replace_text(self, text: str) -> None:
+        """For providers whose every event carries the whole completion so far."""
+        self._usage.completion_chars = len(text)
+        kept = text[:MAX_TEXT_FOR_TOKENIZER]
+        self._text = [kept]
+        self._text_len = len(kept)
+
+    @staticmethod
+    def _json(data: bytes) -> dict[str, Any] | None:
+        """An event's JSON object, or None for ``[DONE]``, keep-alives and garbage."""
+        if not data.startswith(b"{"):
+            return None
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _fill_from_tokenizer(self) -> None:
+        usage = self._usage
+        if usage.completion_tokens is None and usage.completion_chars is not None:
+            counted = count_tokens("".join(self._text))
+            total = usage.completion_chars
+            if total > self._text_len > 0:
+                counted = round(counted * total / self._text_len)
+            usage.completion_tokenizer_tokens = counted
+            usage.completion_tokens = counted
+        if usage.prompt_tokens is None:
+            if usage.prompt_tokenizer_tokens is None:
+                usage.prompt_tokenizer_tokens = count_tokens(self._prompt_text)
+            usage.prompt_tokens = usage.prompt_tokenizer_tokens
+
+
+def usage_count(value: Any) -> int | None:
+    """A usage number as reported: ints only (bools and floats are not counts)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
