@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from limiter.base import Limiter, LimitRule
 from limiter.memory import MemoryLimiter
 from limiter.redis_connect import connect
@@ -69,8 +71,12 @@ async def _concurrent(limiter: Limiter, requests: int, concurrency: int) -> floa
 
 
 async def _round_trips(client: Any) -> int:
-    stats = await client.info("commandstats")
-    return sum(int(stats.get(name, {}).get("calls", 0)) for name in _TOP_LEVEL)
+    if isinstance(client, RedisCluster):
+        per_node = await client.info("commandstats", target_nodes=RedisCluster.ALL_NODES)
+        every = list(per_node.values())
+    else:
+        every = [await client.info("commandstats")]
+    return sum(int(stats.get(name, {}).get("calls", 0)) for stats in every for name in _TOP_LEVEL)
 
 
 async def _bench(url: str, requests: int, concurrency: int) -> None:
