@@ -354,7 +354,7 @@ class Wire:
 
     json_type = "application/json"
     stream_type = "text/event-stream; charset=utf-8"
-    id_prefix = ""
+    server = "cloudflare"  # what the real API's responses say, instead of Tornado's banner
 
     def error_body(self, status: int) -> bytes:
         raise NotImplementedError
@@ -438,7 +438,6 @@ _AM_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 class AnthropicMessages(_AnthropicWire):
     """``POST /v1/messages``."""
 
-    id_prefix = "msg_"
 
     def read(self, body: dict[str, Any], args: tuple[str, ...], request: tornado.httputil.HTTPServerRequest) -> Request:
         messages = body.get("messages")
@@ -494,8 +493,6 @@ class AnthropicComplete(_AnthropicWire):
     events carry the cumulative text and the stream ends with ``[DONE]``.
     The reference gateway sends 2023-01-01 and keeps only the last event.
     """
-
-    id_prefix = "compl_"
 
     def read(self, body: dict[str, Any], args: tuple[str, ...], request: tornado.httputil.HTTPServerRequest) -> Request:
         version = request.headers.get("anthropic-version", "").strip()
@@ -584,7 +581,6 @@ def _chat_messages_tokens(body: dict[str, Any]) -> int:
 class _OpenAIStyle(CompletionWire):
     """Shared by OpenAI and Fireworks: ``data: {json}\\n\\n`` then ``data: [DONE]``."""
 
-    id_prefix = "chatcmpl-"
 
     def error_body(self, status: int) -> bytes:
         return _openai_error(status)
@@ -689,7 +685,6 @@ class FireworksChat(_OpenAIStyle):
 class FireworksCompletions(_OpenAIStyle):
     """``POST /inference/v1/completions``: text in ``choices[0].text``."""
 
-    id_prefix = "cmpl-"
 
     def read(self, body: dict[str, Any], args: tuple[str, ...], request: tornado.httputil.HTTPServerRequest) -> Request:
         request_info = super().read(body, args, request)
@@ -759,6 +754,7 @@ class GoogleGemini(CompletionWire):
 
     json_type = "application/json; charset=UTF-8"
     stream_type = "text/event-stream"
+    server = "scaffolding on HTTPServer2"
 
     def error_body(self, status: int) -> bytes:
         return _google_error(status)
@@ -856,6 +852,8 @@ class OpenAIEmbeddings(Wire):
 class KServeInfer(Wire):
     """``POST /v2/models/{name}/infer`` (KServe v2, Sourcegraph embeddings)."""
 
+    server = "uvicorn"
+
     def error_body(self, status: int) -> bytes:
         return _dumps({"error": "fake provider error %d" % status})
 
@@ -942,9 +940,9 @@ class _FakeHandler(tornado.web.RequestHandler):
             if await self._pause_until(ready):
                 self._send(400, self._wire.error_body(400), self._wire.json_type, Faults())
             return
-        await self._respond(body, args, opts, start, ready)
+        await self._respond(body, args, opts, ready)
 
-    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], start: float, ready: float) -> None:
+    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], ready: float) -> None:
         raise NotImplementedError
 
     def _options(self, raw: bytes) -> dict[str, Any]:
@@ -1019,6 +1017,7 @@ class _FakeHandler(tornado.web.RequestHandler):
     def _start_response(self, status: int, content_type: str) -> None:
         self.set_status(status, "Overloaded" if status == 529 else None)
         self.set_header("Content-Type", self._opts.get("content_type", content_type))
+        self.set_header("Server", self._wire.server)
         for name, value in self._wire.headers(self._request_id):
             self.set_header(name, value)
 
@@ -1066,7 +1065,7 @@ class CompletionHandler(_FakeHandler):
 
     _wire: CompletionWire
 
-    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], start: float, ready: float) -> None:
+    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], ready: float) -> None:
         wire = self._wire
         request = wire.read(body, args, self.request)
         faults = self._faults(opts, request.stream)
@@ -1148,7 +1147,7 @@ class EmbeddingsHandler(_FakeHandler):
 
     _wire: OpenAIEmbeddings
 
-    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], start: float, ready: float) -> None:
+    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], ready: float) -> None:
         await self._answer(self._wire.render(body, not opts.get("no_usage", False)), opts, ready)
 
     async def _answer(self, payload: bytes, opts: dict[str, Any], ready: float) -> None:
@@ -1168,7 +1167,7 @@ class KServeHandler(EmbeddingsHandler):
 
     _wire: KServeInfer  # type: ignore[assignment]
 
-    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], start: float, ready: float) -> None:
+    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], ready: float) -> None:
         await self._answer(self._wire.render(body, args[0]), opts, ready)
 
 
