@@ -56,7 +56,10 @@ async def serve(
     from telemetry.tracing import Tracing
     from upstreams.tokenizer import warm_up
     from upstreams.transport import Transport
-    from wiring import build_actor_chain, build_event_logger, build_limiter, attach_extras
+    from actors.remote_setup import build_remote_actors, build_sync_worker
+    from handlers.actor_sync import SyncAllSourcesHandler
+    from handlers.attribution import attribution_routes
+    from wiring import attach_extras, build_actor_chain, build_event_logger, build_limiter, connect_actor_redis
 
     AsyncHTTPClient.configure(
         "tornado.curl_httpclient.CurlAsyncHTTPClient",
@@ -69,7 +72,11 @@ async def serve(
     limiter = await build_limiter(config)
     events = build_event_logger(config)
     events.start()
-    chain, static_source = build_actor_chain(config, limiter=limiter, http_client=http_client)
+    cache_redis, lock_redis = connect_actor_redis(config)
+    remote = build_remote_actors(
+        config, http_client=http_client, cache_redis=cache_redis, reset_usage=limiter.reset, version=_version()
+    )
+    chain, static_source = build_actor_chain(config, limiter=limiter, http_client=http_client, remote=remote)
     tracing = Tracing(config.telemetry, version=_version())
     services = Services(
         config=config,
@@ -81,6 +88,12 @@ async def serve(
         version=_version(),
     )
     extra_routes = await attach_extras(services, http_client=http_client)
+    extra_routes += attribution_routes(remote.attribution)
+    extra_routes.append((r"/-/actor/sync-all-sources", SyncAllSourcesHandler, {}))
+    sync_worker = None
+    if remote.sources:
+        sync_worker = build_sync_worker(chain.sync_all, lock_redis, config)
+        sync_worker.start()
     app = make_app(services, extra_routes)
     server = HTTPServer(
         app,
@@ -121,6 +134,10 @@ async def serve(
     if services.in_flight:
         log.warning("drain timeout: %d requests still in flight are cut off", services.in_flight)
     await server.close_all_connections()
+    if sync_worker is not None:
+        await sync_worker.stop()
+    for client in {id(c): c for c in (cache_redis, lock_redis) if c is not None}.values():
+        await client.aclose()
     shutdown_hooks = services.extras.get("shutdown_hooks", [])
     for hook in shutdown_hooks:
         try:

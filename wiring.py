@@ -15,6 +15,7 @@ from tornado.httpclient import AsyncHTTPClient
 from actors.anonymous import AnonymousSource
 from actors.base import ActorSource
 from actors.chain import SourceChain
+from actors.remote_setup import REMOTE_SOURCES, RemoteActors
 from actors.static import StaticSource
 from conf.loader import resolve_path
 from conf.model import Config
@@ -53,8 +54,22 @@ def build_event_logger(config: Config) -> EventLogger:
     return EventLogger(config.events, sink, base_dir=config.base_dir)
 
 
+def connect_actor_redis(config: Config) -> tuple[Any | None, Any | None]:
+    """(cache client, lock client): the actor caches use REDIS_CACHE_ENDPOINT when set, else REDIS_ENDPOINT."""
+    from limiter.redis_connect import connect
+
+    def client(endpoint: str) -> Any | None:
+        if not endpoint:
+            return None
+        return connect(endpoint, timeout_ms=config.redis.timeout_ms, max_connections=config.redis.max_connections)
+
+    lock = client(config.redis.endpoint)
+    cache = client(config.redis.cache_endpoint) if config.redis.cache_endpoint else lock
+    return cache, lock
+
+
 def build_actor_chain(
-    config: Config, *, limiter: Limiter, http_client: AsyncHTTPClient
+    config: Config, *, limiter: Limiter, http_client: AsyncHTTPClient, remote: RemoteActors | None = None
 ) -> tuple[SourceChain, StaticSource | None]:
     actors = config.actors
     sources: list[ActorSource] = []
@@ -76,19 +91,11 @@ def build_actor_chain(
             )
             static.load_initial()
             sources.append(static)
-        elif name in ("dotcom-user", "product-subscriptions"):
-            if not actors.dotcom_access_token:
-                log.info("actor source %s is disabled: no CODY_GATEWAY_DOTCOM_ACCESS_TOKEN", name)
-                continue
-            remote = build_remote_source(name, config, limiter=limiter, http_client=http_client)
-            if remote is not None:
-                sources.append(remote)
+        elif name in REMOTE_SOURCES:
+            source = remote.source(name) if remote is not None else None
+            if source is not None:
+                sources.append(source)
     return SourceChain(sources, local_cache_ttl_s=actors.local_cache_ttl), static
-
-
-def build_remote_source(name: str, config: Config, *, limiter: Limiter, http_client: AsyncHTTPClient) -> ActorSource | None:
-    log.warning("actor source %s is not available in this build", name)
-    return None
 
 
 async def attach_extras(services: Services, *, http_client: AsyncHTTPClient) -> list[Any]:

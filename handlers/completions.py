@@ -21,8 +21,9 @@ from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
+from actors.base import ActorRecentlyUpdated
 from actors.limits import evaluate_allowed_models, is_model_allowed, prefix_bare_models
-from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES, RateLimit
+from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES, Actor, RateLimit
 from errors import (
     BadRequest,
     Forbidden,
@@ -154,6 +155,21 @@ def spawn(coro: Any, what: str) -> None:
     task.add_done_callback(done)
 
 
+def refresh_in_background(services: Services, actor: Actor) -> None:
+    """Update-on-error (reference 2.7): a refused actor may have a new plan; re-fetch it,
+    without making the refused request wait. Cooldowns keep this cheap."""
+
+    async def refresh() -> None:
+        try:
+            await services.actors.refresh(actor)
+        except ActorRecentlyUpdated:
+            pass
+        except Exception as exc:  # a failed refresh only matters for the next request
+            log.warning("update-on-error refresh of actor %s failed: %s", actor.id, exc)
+
+    spawn(refresh(), "actor refresh")
+
+
 class CompletionsHandler(BodyHandler):
     route_class = "completions"
 
@@ -223,6 +239,7 @@ class CompletionsHandler(BodyHandler):
         self.feature = feature
         rate_limit = actor.limit_for(feature)
         if rate_limit is None:
+            refresh_in_background(self.services, actor)
             raise Forbidden(f"no access to feature {feature}")
         timeout_s = self.timeout_s()
         anonymous_uid = self.request.headers.get("X-Sourcegraph-Actor-UID", "")
@@ -250,6 +267,7 @@ class CompletionsHandler(BodyHandler):
         decision = await self.limited.acquire(rule, cost=1, token_reserve=call.info.max_tokens or 0)
         if not decision.allowed:
             self.record_rate_limited(decision, feature)
+            refresh_in_background(self.services, actor)
             raise rejection(decision, feature)
         for name, value in rate_limit_headers(decision).items():
             self.set_header(name, value)
