@@ -40,8 +40,13 @@ async def build_limiter(config: Config) -> Limiter:
         config.redis.endpoint, timeout_ms=config.redis.timeout_ms, max_connections=config.redis.max_connections
     )
     log.info("limiter: Redis, failure policy %s", config.redis.failure_policy)
+    primary = RedisLimiter(client, owns_client=True)
+    try:
+        await primary.load_scripts()
+    except Exception as exc:  # Redis may be down at start; the failover policy covers it
+        log.warning("could not preload limiter scripts: %s", exc)
     return FailoverLimiter(
-        RedisLimiter(client),
+        primary,
         MemoryLimiter(),
         policy=config.redis.failure_policy,
         timeout_s=config.redis.timeout_ms / 1000,

@@ -11,6 +11,7 @@ import pytest
 from tests.support.processes import FakeProviderProcess, GatewayProcess, write_actors
 from tests.support.redis_servers import (  # noqa: F401  (fixtures)
     redis_cluster,
+    redis_cluster_private,
     redis_cluster_session,
     redis_server,
     redis_server_private,

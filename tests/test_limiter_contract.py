@@ -30,7 +30,6 @@ from limiter.memory import MemoryLimiter
 from limiter.redis_connect import connect
 from limiter.redis_limiter import RedisLimiter, bucket_keys
 from tests.support.redis_servers import RedisClusterServers, RedisServer
-from tests.support.redis_servers import redis_cluster_private  # noqa: F401  (fixture; move to conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURE = "chat_completions"
@@ -752,7 +751,7 @@ def test_release_goes_to_the_limiter_that_granted(redis_server_private: RedisSer
 
 @pytest.mark.timeout(120)
 def test_cluster_node_outage_and_return(
-    redis_cluster_private: RedisClusterServers, caplog: pytest.LogCaptureFixture  # noqa: F811
+    redis_cluster_private: RedisClusterServers, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="limiter.failover")
     cluster = redis_cluster_private
