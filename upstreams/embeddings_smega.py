@@ -26,6 +26,7 @@ from upstreams.embeddings import (
     Exchange,
     Reply,
     failure,
+    float_vector,
     invalid_response,
     off_loop,
     parse_json,
@@ -92,7 +93,7 @@ class SmegaEmbeddingsClient:
         expected = len(request.inputs) * SMEGA_DIMENSIONS
         if not isinstance(flat, list) or len(flat) != expected:
             raise invalid_response(self.label, f"expected {expected} floats in outputs[0].data")
-        if not all(type(v) is float or type(v) is int for v in flat):
+        if not float_vector(flat):
             raise invalid_response(self.label, "outputs[0].data holds non-numbers")
         vectors = [flat[i : i + SMEGA_DIMENSIONS] for i in range(0, expected, SMEGA_DIMENSIONS)]
         return EmbeddingsResult(vectors=vectors, model=request.model.name, dimensions=SMEGA_DIMENSIONS, tokens_used=0)
