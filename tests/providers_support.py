@@ -1,0 +1,189 @@
+"""Helpers shared by the tests/test_providers_*.py files.
+
+``WiredGateway`` runs the real ``gateway.py`` with the screening hook and the
+circuit breaker attached exactly as wiring.py is asked to attach them
+(docs/providers.md, "Wiring"); when wiring.py already attaches them, the
+launcher changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import DEFAULT_ACTORS, DIAGNOSTICS_SECRET, TOKEN_A
+from tests.support.processes import LISTENING, REPO, GatewayProcess, ManagedProcess, wait_until, write_actors
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sse"
+
+LAUNCHER = f'''
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import wiring
+
+_original = wiring.attach_extras
+
+
+async def attach_extras(services, **kwargs):
+    routes = await _original(services, **kwargs)
+    extras = services.extras
+    if "screen_request" not in extras:
+        from handlers.flagged_prompts import flagged_prompt_routes, make_screen_request
+
+        redis_client = None
+        if services.config.redis.endpoint:
+            from limiter.redis_connect import connect
+
+            redis_client = connect(services.config.redis.endpoint, timeout_ms=services.config.redis.timeout_ms,
+                                   max_connections=services.config.redis.max_connections)
+        screen = make_screen_request(services.config, redis_client)
+        extras["screen_request"] = screen
+        routes = [*routes, *flagged_prompt_routes(screen.store)]
+    if "circuit_breaker" not in extras:
+        from upstreams.circuit import CircuitBreaker
+
+        breaker = CircuitBreaker(services.config.upstream)
+        extras["circuit_breaker"] = breaker
+        extras.setdefault("health_probes", {{}})["circuits"] = breaker.health_probe
+    return routes
+
+
+wiring.attach_extras = attach_extras
+import gateway
+
+sys.exit(gateway.main(sys.argv[1:]))
+'''
+
+
+class WiredGateway(GatewayProcess):
+    def __init__(self, workdir: Path, env: dict[str, str], name: str = "gateway") -> None:
+        self.workdir = workdir
+        self.events_path = Path(env.get("CODY_GATEWAY_EVENTS_FILE", workdir / "events.jsonl"))
+        self.env = dict(env)
+        launcher = workdir / "wired_gateway.py"
+        launcher.write_text(LAUNCHER)
+        self.process = ManagedProcess(
+            [sys.executable, str(launcher), "--port", env.get("PORT", "0")], env=self.env, cwd=workdir, name=name
+        )
+        match = self.process.wait_for(LISTENING, timeout=30)
+        self.base_url = match.group(1)
+        self.port = int(match.group(2))
+
+    def event_for(self, trace_id: str, name: str = "CompletionsFinished", timeout: float = 10.0) -> dict[str, Any]:
+        """The one event of a request; fails if there is none or more than one."""
+        found = wait_until(lambda: [e for e in self.events(name) if e["metadata"].get("trace_id") == trace_id], timeout,
+                           what=f"{name} event of trace {trace_id}")
+        return found[0]
+
+    def events_for(self, trace_id: str, name: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events(name) if e["metadata"].get("trace_id") == trace_id]
+
+
+@pytest.fixture
+def start_wired(request: pytest.FixtureRequest, tmp_path: Path, gateway_env: dict[str, str]) -> Iterator[Callable[..., WiredGateway]]:
+    """Like conftest's start_gateway, for a WiredGateway (import it into the test module)."""
+    started: list[WiredGateway] = []
+    request.node._gateways = started
+
+    def start(actors: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None, name: str = "gateway") -> WiredGateway:
+        full_env = {**gateway_env, **(env or {})}
+        write_actors(Path(full_env["CODY_GATEWAY_STATIC_ACTORS_FILE"]), DEFAULT_ACTORS if actors is None else actors)
+        workdir = tmp_path / f"{name}-{len(started)}"
+        workdir.mkdir()
+        gw = WiredGateway(workdir, full_env, name=name)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+def base_env(workdir: Path, fake_base: str) -> dict[str, str]:
+    """What conftest's gateway_env gives, for gateways that outlive one test."""
+    env = {
+        "CODY_GATEWAY_DIAGNOSTICS_SECRET": DIAGNOSTICS_SECRET,
+        "CODY_GATEWAY_EVENTS_FILE": str(workdir / "events.jsonl"),
+        "CODY_GATEWAY_EVENTS_SPOOL_DIR": str(workdir / "spool"),
+        "CODY_GATEWAY_EVENTS_FLUSH_INTERVAL_MS": "50",
+        "CODY_GATEWAY_STATIC_ACTORS_FILE": str(workdir / "actors.json"),
+        "CODY_GATEWAY_UPSTREAM_RETRY_BASE_DELAY_MS": "10",
+        "CODY_GATEWAY_UVLOOP": "1",
+        "CODY_GATEWAY_ANTHROPIC_ACCESS_TOKEN": "sk-ant-upstream-secret",
+        "CODY_GATEWAY_OPENAI_ACCESS_TOKEN": "sk-openai-upstream-secret",
+        "CODY_GATEWAY_FIREWORKS_ACCESS_TOKEN": "fw-upstream-secret",
+        "CODY_GATEWAY_GOOGLE_ACCESS_TOKEN": "google-upstream-secret",
+    }
+    for provider in ("ANTHROPIC", "OPENAI", "FIREWORKS", "GOOGLE"):
+        env[f"CODY_GATEWAY_{provider}_API_URL"] = fake_base
+    return env
+
+
+@pytest.fixture(scope="module")
+def start_module_wired(tmp_path_factory: pytest.TempPathFactory, fake_provider: Any) -> Iterator[Callable[..., WiredGateway]]:
+    """A WiredGateway shared by the tests of one module (tests find their events by trace id)."""
+    started: list[WiredGateway] = []
+
+    def start(actors: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None, name: str = "gateway") -> WiredGateway:
+        workdir = tmp_path_factory.mktemp(name)
+        full_env = {**base_env(workdir, fake_provider.base_url), **(env or {})}
+        write_actors(Path(full_env["CODY_GATEWAY_STATIC_ACTORS_FILE"]), DEFAULT_ACTORS if actors is None else actors)
+        gw = WiredGateway(workdir, full_env, name=name)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+def marker() -> str:
+    return "mark-" + uuid.uuid4().hex[:12]
+
+
+def fake_requests(fake_base: str) -> list[dict[str, Any]]:
+    return httpx.get(fake_base + "/_fake/requests", timeout=10).json()
+
+
+def received(fake_base: str, mark: str, count: int = 1) -> list[dict[str, Any]]:
+    """The requests the fake provider received whose body contains ``mark``."""
+    def find() -> list[dict[str, Any]] | None:
+        hits = [r for r in fake_requests(fake_base) if mark in json.dumps(r["body"])]
+        return hits if len(hits) >= count else None
+
+    return wait_until(find, 10, what=f"fake provider request with {mark}")
+
+
+def post(gw: GatewayProcess, path: str, body: Any, *, token: str | None = TOKEN_A, feature: str | None = "chat_completions",
+         headers: dict[str, str] | None = None, timeout: float = 30) -> httpx.Response:
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    if token is not None:
+        hdrs["Authorization"] = f"Bearer {token}"
+    if feature is not None:
+        hdrs["X-Sourcegraph-Feature"] = feature
+    return httpx.post(gw.base_url + path, content=json.dumps(body).encode(), headers=hdrs, timeout=timeout)
+
+
+def sse_data(text: str) -> list[str]:
+    """The data payloads of an SSE body, in order."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = [line[5:].lstrip() for line in block.split("\n") if line.startswith("data:")]
+        if lines:
+            out.append("\n".join(lines))
+    return out
+
+
+def assert_json_error(response: httpx.Response, status: int, contains: str = "") -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error"} and contains in body["error"], body
+    return body
