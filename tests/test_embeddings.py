@@ -458,6 +458,14 @@ def test_reservation_settles_to_the_provider_count(gw: EmbeddingsGateway) -> Non
     assert wait_until(remaining_after_settle, timeout=5) in (97, 98)
 
 
+def test_usage_missing_upstream_charges_the_estimate(gw: EmbeddingsGateway) -> None:
+    text = "antidisestablishmentarianism fake:no_usage=1"
+    response = post(gw, {"model": ADA, "input": [text]})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Token-Usage"] == str(count_tokens(text))
+    assert gw.event_for(response)["metadata"]["tokens_used"] == count_tokens(text)
+
+
 def test_batch_larger_than_the_whole_quota_is_400(gw: EmbeddingsGateway, fake_provider: FakeProviderProcess) -> None:
     inputs = [TEN + " oversize-1"] * 6
     response = post(gw, {"model": ADA, "input": inputs}, tok=SMALL_QUOTA)
