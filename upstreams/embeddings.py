@@ -287,7 +287,7 @@ async def off_loop(size: int, fn: Callable[[], Any]) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn)
 
 
-def texts_only(request: EmbeddingsRequest, label: str) -> Sequence[str]:
+def texts_only(request: EmbeddingsRequest) -> Sequence[str]:
     if any(not isinstance(item, str) for item in request.inputs):
         raise BadRequest(f"model {request.model.name} takes text input only, not token ids")
     return request.inputs  # type: ignore[return-value]

@@ -54,14 +54,14 @@ class SmegaEmbeddingsClient:
         self._headers = {"Content-Type": "application/json", AUTH_HEADER: config.access_token}
 
     def validate(self, request: EmbeddingsRequest) -> None:
-        texts_only(request, self.label)
+        texts_only(request)
 
     def estimate_tokens(self, request: EmbeddingsRequest) -> int:
         # Free in the reference: admission only asks that the quota is not overdrawn.
         return 0
 
     def upstream_request(self, request: EmbeddingsRequest) -> UpstreamRequest:
-        texts = texts_only(request, self.label)
+        texts = texts_only(request)
         body: dict[str, Any] = {
             "id": str(uuid.uuid4()),
             "inputs": [{"name": "TEXT", "shape": [len(texts)], "datatype": "BYTES", "data": list(texts)}],
