@@ -1,18 +1,97 @@
-"""Structured JSON logs on stderr: one object per line, nothing secret in them."""
+"""Structured JSON logs on stderr: one object per line, nothing secret in them.
+
+Every line logged while a request is being served carries that request's
+``trace_id`` and ``span_id``. Every line goes through a ``Scrubber`` that
+masks bearer tokens, provider keys and the configured secret values, so a
+secret that slips into an exception message still never reaches the log
+(or Sentry, which reuses the scrubber).
+
+The access log is one line per request (logger ``gateway.access``):
+method, path, status, duration, actor, feature, model, trace id and the
+upstream figures. It never holds a header value, a query string or a body.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
+from conf.model import Config
+from telemetry.tracing import current_ids
+
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+
+ACCESS_LOGGER = "gateway.access"
+REDACTED = "[REDACTED]"
+
+# Token shapes worth masking wherever they appear: gateway tokens (sgd_, slk_,
+# sgs_, sgp_ and similar), provider keys, bearer credentials, Slack webhooks
+# and credentials embedded in URLs.
+_PATTERNS = (
+    r"\b(?:sgd|slk|sgs|sgp|sgph|sk-ant|sk-proj|sk)[_-][A-Za-z0-9_\-]{16,}",
+    r"\b(?i:bearer|token)\s+[A-Za-z0-9_\-.=+/]{16,}",
+    r"https://hooks\.slack\.com/[^\s\"']+",
+    r"(?<=://)[^/@\s\"':]+:[^/@\s\"']+(?=@)",
+    r"(?<=://)[0-9a-f]{32}(?=@)",
+)
+_MIN_SECRET_LEN = 6
+
+
+class Scrubber:
+    """Masks secrets in text; the configured secret values are added at start."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        self._regex = re.compile("|".join(_PATTERNS))
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        fresh = {s for s in secrets if s and len(s) >= _MIN_SECRET_LEN} - self._secrets
+        if not fresh:
+            return
+        self._secrets |= fresh
+        # Longest first so a secret that contains another is masked whole.
+        literal = "|".join(re.escape(s) for s in sorted(self._secrets, key=len, reverse=True))
+        self._regex = re.compile(literal + "|" + "|".join(_PATTERNS))
+
+    def __call__(self, text: str) -> str:
+        return self._regex.sub(REDACTED, text)
+
+
+def config_secrets(config: Config) -> list[str]:
+    """Every secret value the configuration holds (the schema's x-secret keys and URL passwords)."""
+    providers = config.providers
+    values = [
+        config.diagnostics_secret,
+        providers.anthropic.access_token,
+        providers.openai.access_token,
+        providers.fireworks.access_token,
+        providers.google.access_token,
+        providers.sourcegraph_embeddings.access_token,
+        config.actors.dotcom_access_token,
+        config.telemetry.sentry_dsn,
+        config.telemetry.slack_webhook_url,
+    ]
+    for url in (config.redis.endpoint, config.redis.cache_endpoint):
+        values.append(urlsplit(url).password or "" if url else "")
+    if config.telemetry.sentry_dsn:
+        # The DSN's public key is its user part.
+        values.append(urlsplit(config.telemetry.sentry_dsn).username or "")
+    return [v for v in values if v]
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, scrubber: Scrubber | None = None) -> None:
+        super().__init__()
+        self.scrubber = scrubber or Scrubber()
+
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -23,9 +102,13 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 payload[key] = value
+        if "trace_id" not in payload:
+            ids = current_ids()
+            if ids is not None:
+                payload["trace_id"], payload["span_id"] = ids
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(payload, default=str).decode()
+        return self.scrubber(orjson.dumps(payload, default=str).decode())
 
 
 def configure_logging(level: str) -> None:
@@ -36,3 +119,32 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Tornado's own access log duplicates ours.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def add_secrets_to_log_scrubbing(secrets: Iterable[str]) -> Scrubber:
+    """Teach every JSON formatter on the root logger the configured secrets; returns a scrubber
+    holding them (for Sentry and anything else that ships text out)."""
+    values = list(secrets)
+    shared: Scrubber | None = None
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, JsonFormatter):
+            formatter.scrubber.add(values)
+            shared = shared or formatter.scrubber
+    if shared is None:
+        shared = Scrubber(values)
+    return shared
+
+
+class AccessLog:
+    """One JSON line per request on ``gateway.access`` (info level, or debug when disabled
+    in the config so it can still be switched on with the log level)."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.logger = logging.getLogger(ACCESS_LOGGER)
+        self.level = logging.INFO if enabled else logging.DEBUG
+
+    def write(self, fields: dict[str, Any]) -> None:
+        logger = self.logger
+        if logger.isEnabledFor(self.level):
+            logger.log(self.level, "request", extra=fields)

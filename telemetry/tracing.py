@@ -4,19 +4,34 @@ Every response gets ``X-Trace`` and ``X-Trace-Span`` (the reference's names)
 and ``X-Span`` (the runbook's alias). With trace policy ``none`` (or
 ``selective`` without ``X-Sourcegraph-Should-Trace``) spans are not recorded,
 but ids are still minted so responses, logs and events stay correlatable.
+Spans are also not recorded when nothing would receive them (no OTLP
+endpoint and no extra processor): building spans nobody exports is pure cost.
+
+The request span is made current in the request's own asyncio task, so log
+lines and child spans created anywhere below the handler find it without
+being handed it.
+
+Child spans use the reference's names (``Sources.Get``,
+``actor.Limiter.TryAcquire``, ``bufferedLogger.LogEvent``); the upstream call
+is a CLIENT span named and attributed after the OpenTelemetry GenAI semantic
+conventions (``chat claude-3-haiku``, ``gen_ai.system``, ``gen_ai.usage.*``).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+import time
+from contextvars import ContextVar
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from conf.model import TelemetryConfig
@@ -24,6 +39,36 @@ from conf.model import TelemetryConfig
 SERVICE_NAME = "cody-gateway"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRUTHY = frozenset({"1", "true", "yes"})
+
+# Span names of the reference (section 8).
+SPAN_AUTH = "Sources.Get"
+SPAN_LIMITER = "actor.Limiter.TryAcquire"
+SPAN_EVENT = "bufferedLogger.LogEvent"
+SPAN_NOTIFY = "slackRateLimitNotification"
+
+# gen_ai.system / gen_ai.provider.name per provider: the semantic conventions'
+# well-known values where one exists, the provider's own name otherwise.
+GENAI_SYSTEMS: Mapping[str, str] = {
+    "anthropic": "anthropic",
+    "openai": "openai",
+    "fireworks": "fireworks",
+    "google": "gemini",
+    "sourcegraph": "sourcegraph",
+}
+# gen_ai.operation.name per route operation.
+GENAI_OPERATIONS: Mapping[str, str] = {
+    "v1.completions.anthropic": "text_completion",
+    "v1.completions.anthropicmessages": "chat",
+    "v1.completions.openai": "chat",
+    "v1.completions.fireworks": "text_completion",
+    "v1.completions.google": "generate_content",
+    "v1.embeddings": "embeddings",
+}
+
+
+# The ids of the request being served in this task (its server span), for
+# log lines and error reports made anywhere below the handler.
+_REQUEST_IDS: ContextVar[tuple[str, str] | None] = ContextVar("gateway_request_ids", default=None)
 
 
 class Tracing:
@@ -38,19 +83,23 @@ class Tracing:
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": SERVICE_NAME, "service.version": version})
         )
+        exporting = False
         if config.otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            endpoint = config.otlp_endpoint.rstrip("/")
-            if not endpoint.endswith("/v1/traces"):
-                endpoint += "/v1/traces"
-            self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+            # Batch size, queue and delay follow the SDK's OTEL_BSP_* variables.
+            self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_traces_url(config.otlp_endpoint))))
+            exporting = True
         for processor in extra_processors or []:
             self.provider.add_span_processor(processor)
+            exporting = True
+        self.exporting = exporting
         self.tracer = self.provider.get_tracer("gateway")
         self._rand = random.Random()
 
     def should_record(self, headers: Mapping[str, str]) -> bool:
+        if not self.exporting:
+            return False
         if self.policy == "all":
             return True
         if self.policy == "selective":
@@ -58,29 +107,183 @@ class Tracing:
         return False
 
     def start_request_span(self, name: str, headers: Mapping[str, str], attributes: dict[str, Any]) -> Span:
+        """The request's server span, made current in the calling task.
+
+        Call it from inside the request's own task (a handler's ``prepare``),
+        never from a callback shared between requests.
+        """
         parent = _PROPAGATOR.extract(carrier=headers) if "traceparent" in headers else None
+        span: Span
         if self.should_record(headers):
-            return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
-        parent_ctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
-        trace_id = parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else self._rand.getrandbits(128)
-        return NonRecordingSpan(
-            SpanContext(
-                trace_id=trace_id or 1,
-                span_id=self._rand.getrandbits(64) or 1,
-                is_remote=False,
-                trace_flags=TraceFlags(0),
+            attributes["sampling.retain"] = True
+            span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        else:
+            parent_ctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
+            trace_id = parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else self._rand.getrandbits(128)
+            span = NonRecordingSpan(
+                SpanContext(
+                    trace_id=trace_id or 1,
+                    span_id=self._rand.getrandbits(64) or 1,
+                    is_remote=False,
+                    trace_flags=TraceFlags(0),
+                )
             )
-        )
+        # Never detached: the request's task ends with the request.
+        otel_context.attach(trace.set_span_in_context(span))
+        _REQUEST_IDS.set(span_ids(span))
+        return span
 
     def start_child(self, name: str, parent: Span, attributes: dict[str, Any] | None = None) -> Span:
         if not parent.is_recording():
             return trace.INVALID_SPAN
         return self.tracer.start_span(name, context=trace.set_span_in_context(parent), attributes=attributes)
 
+    @contextmanager
+    def child_span(
+        self,
+        parent: Span | None,
+        name: str,
+        attributes: dict[str, Any] | None = None,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+    ) -> Iterator[Span]:
+        """A child of ``parent`` around a block, current inside it; a no-op span if not recording.
+
+        An exception leaving the block marks the span as an error (with the
+        exception's type, never its message: messages can quote a prompt).
+        """
+        if parent is None or not parent.is_recording():
+            yield trace.INVALID_SPAN
+            return
+        span = self.tracer.start_span(name, context=trace.set_span_in_context(parent), kind=kind, attributes=attributes)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            yield span
+        except BaseException as exc:
+            mark_error(span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    def past_span(
+        self,
+        parent: Span | None,
+        name: str,
+        started: float,
+        ended: float,
+        attributes: dict[str, Any] | None = None,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+    ) -> Span:
+        """A child span for work that already happened, from ``time.monotonic()`` stamps.
+
+        Lets the pipeline keep two timestamps instead of holding a span open
+        across its relay loop; the span carries the real start and end times.
+        """
+        if parent is None or not parent.is_recording():
+            return trace.INVALID_SPAN
+        now_ns = time.time_ns()
+        now_mono = time.monotonic()
+        start_ns = now_ns - int((now_mono - started) * 1e9)
+        end_ns = now_ns - int((now_mono - ended) * 1e9)
+        span = self.tracer.start_span(
+            name,
+            context=trace.set_span_in_context(parent),
+            kind=kind,
+            attributes=attributes,
+            start_time=start_ns,
+        )
+        span.end(end_time=max(start_ns, end_ns))
+        return span
+
+    def force_flush(self, timeout_ms: int = 5000) -> bool:
+        return self.provider.force_flush(timeout_ms)
+
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+def otlp_traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL from either a base endpoint or the full traces URL."""
+    url = endpoint.rstrip("/")
+    return url if url.endswith("/v1/traces") else url + "/v1/traces"
 
 
 def span_ids(span: Span) -> tuple[str, str]:
     ctx = span.get_span_context()
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+def current_ids() -> tuple[str, str] | None:
+    """Trace id and server span id of the request served by this task, if any."""
+    return _REQUEST_IDS.get()
+
+
+def mark_error(span: Span, exc: BaseException) -> None:
+    """An error status naming the exception's type; client errors (4xx) are not span errors."""
+    status = getattr(exc, "status", None)
+    span.set_attribute("error.type", type(exc).__name__)
+    if isinstance(status, int) and status < 500:
+        return
+    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
+def genai_attributes(
+    *,
+    provider: str,
+    operation: str,
+    model: str | None,
+    stream: bool | None = None,
+    max_tokens: int | None = None,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+) -> dict[str, Any]:
+    """OpenTelemetry GenAI semantic-convention attributes for one model call.
+
+    ``model`` is the model as sent upstream (without the ``provider/``
+    prefix); unknown numbers are left out rather than reported as zero.
+    """
+    system = GENAI_SYSTEMS.get(provider, provider)
+    attributes: dict[str, Any] = {
+        "gen_ai.system": system,
+        "gen_ai.provider.name": system,
+        "gen_ai.operation.name": GENAI_OPERATIONS.get(operation, "chat"),
+    }
+    if model:
+        attributes["gen_ai.request.model"] = model
+    if stream is not None:
+        attributes["gen_ai.request.stream"] = stream
+    if max_tokens is not None:
+        attributes["gen_ai.request.max_tokens"] = max_tokens
+    if input_tokens is not None:
+        attributes["gen_ai.usage.input_tokens"] = input_tokens
+    if output_tokens is not None:
+        attributes["gen_ai.usage.output_tokens"] = output_tokens
+    return attributes
+
+
+def limiter_attributes(rule: Any, decision: Any | None) -> dict[str, Any]:
+    """The reference's ``actor.Limiter.TryAcquire`` attributes, from a LimitRule and Decision.
+
+    Ours is a token bucket, so ``currentUsage``/``incrementedTo`` are the
+    bucket's used capacity after the decision and ``ttlSeconds`` the time
+    until it is full again.
+    """
+    attributes: dict[str, Any] = {}
+    if rule is not None:
+        attributes["feature"] = rule.feature
+        attributes["limit"] = rule.limit
+        attributes["intervalSeconds"] = rule.interval_s
+        attributes["concurrency"] = rule.concurrency
+    if decision is not None:
+        used = max(0, decision.limit - decision.remaining)
+        attributes["allowed"] = decision.allowed
+        attributes["limit"] = decision.limit
+        attributes["currentUsage"] = used
+        attributes["incrementedTo"] = used
+        attributes["ttlSeconds"] = round(decision.reset_s, 3)
+        if not decision.allowed:
+            attributes["cause"] = decision.cause or ""
+            attributes["retryAfterSeconds"] = round(decision.retry_after_s, 3)
+    return attributes

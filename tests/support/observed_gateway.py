@@ -1,0 +1,144 @@
+"""The gateway served in-process, on its own event loop thread, for observability tests.
+
+Built from the same parts as ``gateway.serve`` (wiring's builders, the real
+Application and HTTPServer on 127.0.0.1) plus ``install_observability`` and
+the /metrics route, so tests can hand the tracer an in-memory span exporter
+and read the metrics registry. Requests go over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+with warnings.catch_warnings():
+    # bpe_openai loads its vocabulary through a deprecated importlib API.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import upstreams.tokenizer  # noqa: F401
+
+
+class InProcessGateway:
+    def __init__(
+        self,
+        environ: Mapping[str, str],
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        span_processors: list[Any] | None = None,
+        extra_routes: list[Any] | None = None,
+        notify_redis_url: str | None = None,
+    ) -> None:
+        from conf.loader import load_config
+
+        self.config = load_config(environ=dict(environ), overrides={"host": "127.0.0.1", "port": 0, **(overrides or {})})
+        self._span_processors = span_processors or []
+        self._extra_routes = extra_routes or []
+        self._notify_redis_url = notify_redis_url
+        self.loop = asyncio.new_event_loop()
+        self._stopped = asyncio.Event()
+        self._ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, name="in-process gateway", daemon=True)
+        self._thread.start()
+        self._ready.result(timeout=30)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
+
+    async def _main(self) -> None:
+        try:
+            await self._build()
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        await self._stopped.wait()
+        await self._teardown()
+
+    async def _build(self) -> None:
+        from tornado.httpclient import AsyncHTTPClient
+        from tornado.httpserver import HTTPServer
+        from tornado.netutil import bind_sockets
+
+        from handlers.app import make_app
+        from handlers.metrics import MetricsHandler
+        from handlers.services import Services
+        from telemetry.observability import install_observability
+        from telemetry.tracing import Tracing
+        from upstreams.transport import Transport
+        from wiring import attach_extras, build_actor_chain, build_event_logger, build_limiter
+
+        config = self.config
+        AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient", max_clients=config.upstream.max_clients)
+        self.http_client = AsyncHTTPClient()
+        self.limiter = await build_limiter(config)
+        self.events = build_event_logger(config)
+        self.events.start()
+        chain, _ = build_actor_chain(config, limiter=self.limiter, http_client=self.http_client)
+        self.tracing = Tracing(config.telemetry, version="test", extra_processors=self._span_processors)
+        self.services = Services(
+            config=config,
+            actors=chain,
+            limiter=self.limiter,
+            events=self.events,
+            transport=Transport(self.http_client, config.upstream),
+            tracing=self.tracing,
+            version="test",
+        )
+        routes = await attach_extras(self.services, http_client=self.http_client)
+        self.notify_redis = None
+        if self._notify_redis_url:
+            import redis.asyncio as aioredis
+
+            self.notify_redis = aioredis.from_url(self._notify_redis_url)
+        self.observability = install_observability(
+            self.services, http_client=self.http_client, redis=self.notify_redis
+        )
+        routes = [*self._extra_routes, (r"/metrics", MetricsHandler, {}), *routes]
+        self.server = HTTPServer(make_app(self.services, routes), decompress_request=False)
+        sockets = bind_sockets(0, "127.0.0.1")
+        self.server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    async def _teardown(self) -> None:
+        self.server.stop()
+        await self.server.close_all_connections()
+        for hook in self.services.extras.get("shutdown_hooks", []):
+            await hook()
+        await self.events.stop(timeout_s=5)
+        await self.limiter.close()
+        if self.notify_redis is not None:
+            await self.notify_redis.aclose()
+        self.tracing.shutdown()
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self.loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(timeout=30)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the gateway's loop thread and return its result."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(timeout=10)
