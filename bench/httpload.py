@@ -75,6 +75,9 @@ class Stats:
     open_now: int = 0
     open_peak: int = 0
     connects: int = 0
+    # Requests re-sent because a reused keep-alive connection turned out to be
+    # closed by the server before any byte of the response (as curl does).
+    stale_retries: int = 0
 
     def begin(self) -> None:
         self.started += 1
@@ -101,6 +104,7 @@ class Connection(asyncio.Protocol):
         self.record = record  # False while warming up or after the window
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.served = 0
         self._waiter: asyncio.Future[None] | None = None
         self._reset()
 
@@ -136,6 +140,8 @@ class Connection(asyncio.Protocol):
             if self._remaining == -1 and not self._chunked and not self._in_head:
                 # A body delimited by the connection closing is complete now.
                 self._complete()
+            elif self.served and not self._t_first:
+                waiter.set_exception(ResponseError("stale"))
             else:
                 waiter.set_exception(ResponseError("reset"))
 
@@ -236,14 +242,18 @@ class Connection(asyncio.Protocol):
             return
         events = (self._ev_tail + data).count(_EVENT_END)
         self._ev_tail = data[-1:]
-        if _ERROR_EVENT in data or _ERROR_EVENT in self._er_tail + data[: len(_ERROR_EVENT)]:
+        window = self._er_tail + data
+        if _ERROR_EVENT in window:
             self._in_band_error = True
-        self._er_tail = data[-(len(_ERROR_EVENT) - 1) :]
+        self._er_tail = window[-(len(_ERROR_EVENT) - 1) :]
         marker = self.target.token_marker
         found = 0
         if marker:
-            found = (self._mk_tail + data).count(marker)
-            self._mk_tail = data[-(len(marker) - 1) :]
+            window = self._mk_tail + data
+            found = window.count(marker)
+            # Keep what could begin a marker split across packets; the tail is
+            # shorter than the marker, so no occurrence is counted twice.
+            self._mk_tail = window[-(len(marker) - 1) :]
             if found and self._pace is not None:
                 rate = self.target.pace_per_s
                 first = self._tokens
@@ -282,6 +292,7 @@ class Connection(asyncio.Protocol):
             stats.end()
             self._waiter = None
         end = time.perf_counter()
+        self.served += 1
         if not self._keep_alive:
             self.close()
         if not self.record:

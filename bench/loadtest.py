@@ -237,7 +237,10 @@ class Runner:
                 sent += 1
                 await conn.request(time.perf_counter(), scn.timeout_s)
             except ResponseError as exc:
-                if not self.stopping:
+                if exc.kind == "stale":
+                    self.stats.stale_retries += 1
+                    sent -= 1
+                elif not self.stopping:
                     self._error(exc.kind)
                 self._drop(conn)
                 conn = None
@@ -259,15 +262,22 @@ class Runner:
         async def one(scheduled: float) -> None:
             conn = await idle.get()
             try:
-                if conn is None or conn.closed:
-                    self._drop(conn)
-                    conn = await self._connection()
-                await conn.request(scheduled, scn.timeout_s)
-            except ResponseError as exc:
-                if not self.stopping:
-                    self._error(exc.kind)
-                self._drop(conn)
-                conn = None
+                for attempt in (1, 2):
+                    try:
+                        if conn is None or conn.closed:
+                            self._drop(conn)
+                            conn = await self._connection()
+                        await conn.request(scheduled, scn.timeout_s)
+                        return
+                    except ResponseError as exc:
+                        self._drop(conn)
+                        conn = None
+                        if exc.kind == "stale" and attempt == 1:
+                            self.stats.stale_retries += 1
+                            continue
+                        if not self.stopping:
+                            self._error(exc.kind)
+                        return
             finally:
                 idle.put_nowait(conn)
 
@@ -392,6 +402,7 @@ class Runner:
             "lateness_s": summary(stats.lateness) if scn.stream and scn.tokens_per_s > 0 else None,
             "open_peak": stats.open_peak,
             "connects": stats.connects,
+            "stale_keepalive_retries": stats.stale_retries,
             "client_cpu_s": getattr(self, "_client_cpu", 0.0),
         }
         if smp.pid is not None:
@@ -570,6 +581,9 @@ def format_table(r: dict[str, Any]) -> str:
     rows.append(("requests", f"{r['ok']} ok, {r['requests_per_s']:.1f}/s"))
     errors = r["errors"]
     rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) if errors else "none"))
+    if r.get("connects") is not None:
+        stale = r.get("stale_keepalive_retries") or 0
+        rows.append(("connections opened", f"{r['connects']}" + (f" ({stale} requests re-sent after the server closed a kept-alive connection)" if stale else "")))
     for label, key in (("TTFB ms", "ttfb_s"), ("latency ms", "latency_s")):
         q = r[key]
         rows.append((label, f"p50 {_ms(q['p50'])}  p90 {_ms(q['p90'])}  p99 {_ms(q['p99'])}  max {_ms(q['max'])}"))

@@ -1,0 +1,213 @@
+"""The benchmark harness runs: tiny scenarios, seconds each. No figure is asserted, only that they exist.
+
+Benchmarks themselves are scripts (bench/compare.py, bench/soak.py, bench/profile.py),
+never timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench import loadtest, procinfo, pyspy_summary
+from bench.httpload import Connection, Stats, Target
+from bench.stack import Stack, start_stack
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(workdir=tmp_path_factory.mktemp("bench-stack"))
+    yield s
+    s.stop()
+
+
+def tiny(name: str, **changes: object) -> loadtest.Scenario:
+    base = dict(connections=2, duration_s=1.0, warmup_s=0.2, ramp_s=0.0, timeout_s=20.0)
+    if loadtest.SCENARIOS[name].per_connection:
+        base.update(connections=3, ramp_s=0.2)
+    return replace(loadtest.SCENARIOS[name], **(base | changes))  # type: ignore[arg-type]
+
+
+def run(stack: Stack, scenario: loadtest.Scenario, kind: str, **extra: object) -> dict:
+    direct = kind == "provider"
+    opts = loadtest.Options(
+        url=stack.fake_url if direct else stack.gateway_url,
+        scenario=scenario,
+        kind=kind,
+        token=stack.token,
+        pid=stack.fake.pid if direct else stack.gateway.pid,
+        progress=False,
+        **extra,  # type: ignore[arg-type]
+    )
+    return loadtest.run(opts)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["provider", "gateway"])
+def test_small_completions_both_ways(stack: Stack, kind: str) -> None:
+    result = run(stack, tiny("small"), kind)
+    assert result["errors"] == {}, result["errors"]
+    assert result["ok"] > 0 and result["requests_per_s"] > 0
+    assert result["latency_s"]["p99"] >= result["latency_s"]["p50"] > 0
+    assert result["ttfb_s"]["p50"] > 0
+    gw = result["gateway"]
+    assert gw["cpu_s"] >= 0 and gw["rss_peak_bytes"] > 0
+    table = loadtest.format_table(result)
+    for label in ("requests", "TTFB ms", "latency ms", "server CPU", "server RSS", "errors"):
+        assert label in table
+
+
+@pytest.mark.timeout(60)
+def test_unpaced_stream_counts_events_and_tokens(stack: Stack) -> None:
+    result = run(stack, tiny("unpaced", tokens=25), "gateway")
+    assert result["errors"] == {}, result["errors"]
+    ok = result["ok"]
+    assert ok > 0
+    # Each Anthropic stream: 25 content deltas, and 31 events in all (message_start,
+    # content_block_start, ping, 25 deltas, content_block_stop, message_delta, message_stop).
+    # Counting is live, so streams cut at the window's edges make it approximate.
+    assert result["tokens"] >= 0.8 * 25 * ok
+    assert result["events"] >= result["tokens"]
+    assert "SSE events" in loadtest.format_table(result)
+
+
+@pytest.mark.timeout(60)
+def test_paced_streams_measure_lateness_and_memory(stack: Stack) -> None:
+    scenario = tiny("idle", tokens=5, tokens_per_s=20)
+    result = run(stack, scenario, "gateway")
+    assert result["errors"] == {}, result["errors"]
+    assert result["ok"] == 3
+    assert result["tokens"] == 15
+    late = result["lateness_s"]
+    assert late is not None and late["p50"] is not None and late["p50"] >= 0
+    assert result["open_peak"] >= 1
+    assert "event lateness ms" in loadtest.format_table(result)
+
+
+@pytest.mark.timeout(60)
+def test_open_loop_rate(stack: Stack) -> None:
+    result = run(stack, tiny("small", rate=50.0, connections=4), "gateway")
+    assert result["errors"] == {}, result["errors"]
+    # About 50 requests in the one-second window.
+    assert 25 <= result["ok"] <= 75
+
+
+@pytest.mark.timeout(60)
+def test_errors_are_counted_by_kind(stack: Stack) -> None:
+    bad = replace(stack, token="sgd_" + "0" * 64)
+    result = run(bad, tiny("small"), "gateway")
+    assert result["ok"] == 0
+    assert set(result["errors"]) == {"http_401"}
+
+
+@pytest.mark.timeout(60)
+def test_embeddings_scenario_runs(stack: Stack) -> None:
+    result = run(stack, tiny("embeddings", batch=4), "provider")
+    assert result["errors"] == {}, result["errors"]
+    assert result["ok"] > 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_engine(stack: Stack) -> None:
+    result = run(stack, tiny("small", warmup_s=0.0), "gateway", engine="wrk")
+    assert result["engine"] == "wrk"
+    assert result["ok"] > 0 and result["errors"] == {}
+    assert result["latency_s"]["p50"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_compare_script_prints_ratios(tmp_path: Path) -> None:
+    out_json = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "compare.py"), "--scenario", "small", "--rounds", "1",
+         "--duration", "1", "--warmup", "0.2", "--connections", "2", "--pause", "0", "--quiet",
+         "--latency-at", "0.5", "--json", str(out_json)],
+        cwd=REPO, capture_output=True, text=True, timeout=80, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "throughput ratio gateway/direct" in proc.stdout
+    assert "added by the gateway, p99" in proc.stdout
+    assert "throughput >= 0.45 of direct" in proc.stdout
+    data = json.loads(out_json.read_text())
+    assert data["summary"]["throughput_ratio_median"] > 0
+
+
+class _Transport:
+    """Collects what the protocol writes; the responses below are fed by hand."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("split", [1, 2, 3, 7, 64])
+def test_chunked_sse_parsing_with_any_packet_boundaries(split: int) -> None:
+    import asyncio
+
+    events = b"".join(
+        b"event: content_block_delta\ndata: {\"i\": %d}\n\n" % i for i in range(4)
+    ) + b"event: message_stop\ndata: {}\n\n"
+    body = b""
+    for i in range(0, len(events), 10):
+        piece = events[i : i + 10]
+        body += b"%x\r\n%s\r\n" % (len(piece), piece)
+    body += b"0\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+
+    async def scenario() -> Stats:
+        stats = Stats()
+        target = Target("127.0.0.1", 1, b"GET / HTTP/1.1\r\n\r\n", stream=True, token_marker=b"event: content_block_delta")
+        conn = Connection(target, stats, record=True)
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        pending = asyncio.ensure_future(conn.request(0.0, 5.0))
+        await asyncio.sleep(0)
+        for i in range(0, len(response), split):
+            conn.data_received(response[i : i + split])
+        await pending
+        return stats
+
+    stats = asyncio.run(scenario())
+    assert stats.ok == 1
+    assert stats.events == 5
+    assert stats.tokens == 4
+    assert stats.body_bytes == len(events)
+
+
+def test_procinfo_reads_this_process() -> None:
+    sample = procinfo.sample(os.getpid())
+    assert sample.rss_bytes > 0 and sample.cpu_s > 0 and os.getpid() in sample.pids
+
+
+def test_pyspy_summary_parses_raw_output() -> None:
+    raw = [
+        "thread (1): MainThread;main (gateway.py:10);post (handlers/completions.py:20);loads (json/decoder.py:5) 3",
+        "thread (1): MainThread;main (gateway.py:10);post (handlers/completions.py:21) 1",
+        "thread (2): OtelBatchSpanRecordProcessor;export (opentelemetry/sdk/x.py:1) 1",
+    ]
+    prof = pyspy_summary.parse(raw)
+    assert prof.total == 5
+    assert prof.self_time["loads (json/decoder.py)"] == 3
+    assert prof.inclusive["post (handlers/completions.py)"] == 4
+    assert prof.threads["OtelBatchSpanRecordProcessor"] == 1
+    assert "gateway: handlers" in pyspy_summary.render(prof)
