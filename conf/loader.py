@@ -203,7 +203,10 @@ def _freeze(doc: dict[str, Any], *, base_dir: str) -> Config:
             google=GoogleConfig(**{**p["google"], "allowed_models": tuple(p["google"]["allowed_models"])}),
             sourcegraph_embeddings=SourcegraphEmbeddingsConfig(**p["sourcegraph_embeddings"]),
         ),
-        embeddings=EmbeddingsConfig(allowed_models=tuple(doc["embeddings"]["allowed_models"])),
+        embeddings=EmbeddingsConfig(
+            allowed_models=tuple(doc["embeddings"]["allowed_models"]),
+            openai_dimensions=dict(doc["embeddings"]["openai_dimensions"]),
+        ),
         flagging=FlaggingConfig(
             **{
                 **f,

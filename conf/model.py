@@ -97,6 +97,7 @@ class ProvidersConfig:
 @dataclass(frozen=True, slots=True)
 class EmbeddingsConfig:
     allowed_models: tuple[str, ...]
+    openai_dimensions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

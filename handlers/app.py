@@ -8,7 +8,12 @@ import tornado.web
 
 from handlers.base import NotFoundHandler
 from handlers.completions import CompletionsHandler
-from handlers.diagnostics import HealthHandler, UnknownDiagnosticsHandler, VersionHandler
+from handlers.diagnostics import (
+    HealthHandler,
+    UnknownDiagnosticsHandler,
+    VersionHandler,
+)
+from handlers.embeddings import embedding_routes
 from handlers.limits import LimitsHandler, LimitsRefreshHandler
 from handlers.services import Services
 from upstreams.registry import completion_routes
@@ -24,6 +29,7 @@ def make_app(services: Services, extra_routes: list[Route] | None = None) -> tor
         (r"/v1/limits/refresh", LimitsRefreshHandler, {}),
     ]
     routes += extra_routes or []
+    routes += embedding_routes(services)
     routes += [
         (route.path, CompletionsHandler, {"provider": route.provider, "sdk_route": route.sdk_route})
         for route in completion_routes(services.config)

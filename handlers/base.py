@@ -6,6 +6,7 @@ Every response carries the trace headers; every error is JSON
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from typing import Any
@@ -19,12 +20,17 @@ from actors.model import Actor
 from actors.tokens import parse_bearer
 from errors import Forbidden, GatewayError, NotFound, PayloadTooLarge
 from handlers.services import Services
+from limiter.base import CONCURRENCY, Decision
 from telemetry import events as ev
 from telemetry.tracing import span_ids
 
 log = logging.getLogger("gateway.http")
 
 JSON_CONTENT_TYPE = "application/json"
+
+
+def rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -107,6 +113,22 @@ class BaseHandler(tornado.web.RequestHandler):
     def record_event(self, event: ev.Event) -> None:
         event.metadata.setdefault("trace_id", self.trace_id)
         self.services.events.record(event)
+
+    def record_rate_limited(self, decision: Decision, feature: str) -> None:
+        """The reference's RateLimited event, plus the metrics hook."""
+        actor = self.actor
+        assert actor is not None
+        metadata: dict[str, Any] = {"feature": feature, "cause": decision.cause}
+        if decision.cause == CONCURRENCY:
+            metadata["error"] = f'"{feature}": concurrency limit exceeded'
+        else:
+            metadata["error"] = "rate limit exceeded"
+            metadata["limit"] = decision.limit
+            metadata["retry_after"] = rfc3339(time.time() + decision.retry_after_s)
+        self.record_event(ev.Event(ev.RATE_LIMITED, actor.source, actor.id, metadata))
+        hook = self.services.extras.get("on_rate_limited")
+        if hook is not None:
+            hook(self, decision)
 
     # -- errors ------------------------------------------------------------------
 

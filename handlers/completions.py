@@ -35,7 +35,7 @@ from errors import (
 )
 from handlers.base import BodyHandler
 from handlers.services import Services
-from limiter.base import CONCURRENCY, TOKENS, Decision, LimitRule, LimiterUnavailable
+from limiter.base import CONCURRENCY, TOKENS, Decision, LimiterUnavailable, LimitRule
 from telemetry import events as ev
 from upstreams import transport as tp
 from upstreams.base import Provider, ProviderCall
@@ -66,10 +66,6 @@ OUTCOME_CLIENT_TOO_SLOW = "client_too_slow"
 def go_time(ts: float) -> str:
     """Go's default time format, which the reference's 429 messages use."""
     return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
-
-
-def rfc3339(ts: float) -> str:
-    return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:
@@ -278,21 +274,6 @@ class CompletionsHandler(BodyHandler):
                 f"model {model} is currently unavailable", headers={"Retry-After": str(provider.default_retry_after_s)}
             )
         await self.relay(call, timeout_s, breaker)
-
-    def record_rate_limited(self, decision: Decision, feature: str) -> None:
-        actor = self.actor
-        assert actor is not None
-        metadata: dict[str, Any] = {"feature": feature, "cause": decision.cause}
-        if decision.cause == CONCURRENCY:
-            metadata["error"] = f'"{feature}": concurrency limit exceeded'
-        else:
-            metadata["error"] = "rate limit exceeded"
-            metadata["limit"] = decision.limit
-            metadata["retry_after"] = rfc3339(time.time() + decision.retry_after_s)
-        self.record_event(ev.Event(ev.RATE_LIMITED, actor.source, actor.id, metadata))
-        hook = self.services.extras.get("on_rate_limited")
-        if hook is not None:
-            hook(self, decision)
 
     # -- upstream ------------------------------------------------------------------
 

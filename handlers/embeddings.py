@@ -24,9 +24,8 @@ from actors.limits import evaluate_allowed_models, is_model_allowed
 from actors.model import EMBEDDINGS, Actor
 from errors import BadRequest, Forbidden
 from handlers.base import BaseHandler, BodyHandler
-from handlers.completions import LimitedRequest, rate_limit_headers, rejection, rfc3339
+from handlers.completions import LimitedRequest, rate_limit_headers, rejection
 from handlers.services import Services
-from limiter.base import CONCURRENCY, Decision
 from telemetry import events as ev
 from upstreams import transport as tp
 from upstreams.decode import known_fields, opt_bool, opt_int, opt_str, parse_body
@@ -246,7 +245,7 @@ class EmbeddingsHandler(BodyHandler):
         decision = await self.limited.acquire(rule, cost=max(1, estimate))
         if not decision.allowed:
             self.request_ = None
-            self.record_rate_limited(decision)
+            self.record_rate_limited(decision, EMBEDDINGS)
             raise rejection(decision, EMBEDDINGS)
         self.tokens_charged = max(1, estimate)
         for name, value in rate_limit_headers(decision).items():
@@ -270,21 +269,6 @@ class EmbeddingsHandler(BodyHandler):
         payload = await _render(result, request, tokens, encoding if self.sdk_route else None)
         self.outcome = OUTCOME_COMPLETE
         self.finish(payload)
-
-    def record_rate_limited(self, decision: Decision) -> None:
-        actor = self.actor
-        assert actor is not None
-        metadata: dict[str, Any] = {"feature": EMBEDDINGS, "cause": decision.cause}
-        if decision.cause == CONCURRENCY:
-            metadata["error"] = f'"{EMBEDDINGS}": concurrency limit exceeded'
-        else:
-            metadata["error"] = "rate limit exceeded"
-            metadata["limit"] = decision.limit
-            metadata["retry_after"] = rfc3339(time.time() + decision.retry_after_s)
-        self.record_event(ev.Event(ev.RATE_LIMITED, actor.source, actor.id, metadata))
-        hook = self.services.extras.get("on_rate_limited")
-        if hook is not None:
-            hook(self, decision)
 
     def on_connection_close(self) -> None:
         self.client_gone = True

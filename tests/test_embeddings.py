@@ -1,9 +1,6 @@
 """Embeddings through the real gateway process and the fake provider (both wire formats).
 
-Each gateway in this module runs ``gateway.py`` unchanged; ``LAUNCHER`` only
-adds ``handlers.embeddings.embedding_routes`` to the route table when
-``handlers.app.make_app`` does not register them itself yet, and steps aside
-once it does. Events are matched to requests by the ``X-Trace`` header.
+Events are matched to requests by the ``X-Trace`` header.
 """
 
 from __future__ import annotations
@@ -41,21 +38,6 @@ METADATA = "sourcegraph/st-multi-qa-mpnet-metadata"
 OPENAI_KEY = "sk-openai-embeddings-upstream"
 SMEGA_KEY = "smega-embeddings-upstream"
 
-LAUNCHER = f"""
-import runpy, sys
-sys.path.insert(0, {str(REPO)!r})
-import handlers.app as app_module
-from handlers.embeddings import embedding_routes
-original = app_module.make_app
-def make_app(services, extra_routes=None):
-    routes = list(extra_routes or [])
-    if "embedding_routes" not in original.__code__.co_names:
-        routes += embedding_routes(services)
-    return original(services, routes)
-app_module.make_app = make_app
-sys.argv[0] = {str(REPO / "gateway.py")!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def token(ch: str) -> str:
@@ -86,16 +68,7 @@ ACTORS = [
 
 
 class EmbeddingsGateway(GatewayProcess):
-    """``gateway.py`` started through LAUNCHER (see the module doc)."""
-
-    def __init__(self, workdir: Path, env: dict[str, str], name: str = "gateway") -> None:
-        self.workdir = workdir
-        self.events_path = Path(env["CODY_GATEWAY_EVENTS_FILE"])
-        self.env = dict(env)
-        self.process = ManagedProcess([sys.executable, "-c", LAUNCHER, "--port", "0"], env=self.env, cwd=workdir, name=name)
-        match = self.process.wait_for(LISTENING, timeout=30)
-        self.base_url = match.group(1)
-        self.port = int(match.group(2))
+    """A gateway process with helpers to find a request's event."""
 
     def event_for(self, response: httpx.Response, name: str = "EmbeddingsFinished") -> dict[str, Any]:
         trace = response.headers["X-Trace"]
