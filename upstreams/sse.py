@@ -1,9 +1,13 @@
 """Incremental Server-Sent Events parser used for usage accounting only.
 
 The relayed bytes are never modified; this parser watches a copy. It takes
-chunks with arbitrary boundaries (mid-line, mid-CRLF, mid-UTF-8), accepts
-LF, CRLF and CR-less mixes, and never holds more than ``max_event_bytes``
-of one event: an oversized event is dropped and counted, not buffered.
+chunks with arbitrary boundaries (mid-line, mid-CRLF, mid-UTF-8) and the
+three line endings the SSE format allows (LF, CRLF and a lone CR, mixed
+freely), so it splits a stream exactly as a client does. It never holds
+more than ``max_event_bytes`` of one event: a line longer than that, or an
+event whose data adds up to more, is dropped up to the next blank line and
+counted in ``oversized``, not buffered. Work per chunk is linear in the
+chunk's size, however long the line it continues.
 """
 
 from __future__ import annotations
@@ -13,13 +17,27 @@ from collections.abc import Callable
 EventHandler = Callable[[bytes, bytes], None]
 """Called with (event name, data) for each complete event; name is b"" when absent."""
 
+_LF = b"\n"
+_CR = b"\r"
+
 
 class SSEParser:
-    __slots__ = ("_on_event", "_pending", "_event", "_data", "_size", "_max", "oversized", "events")
+    __slots__ = (
+        "_on_event", "_parts", "_parts_len", "_after_cr", "_skip_line", "_skip_event",
+        "_event", "_data", "_size", "_max", "oversized", "events",
+    )
 
     def __init__(self, on_event: EventHandler, *, max_event_bytes: int = 10 * 1024 * 1024) -> None:
         self._on_event = on_event
-        self._pending = b""
+        # The current, unterminated line, kept in pieces so that a long line
+        # arriving in many small chunks is joined once, not once per chunk.
+        self._parts: list[bytes] = []
+        self._parts_len = 0
+        # The previous chunk ended with CR: an LF starting this one completes a CRLF.
+        self._after_cr = False
+        # Dropping the rest of an over-long line / of an oversized event.
+        self._skip_line = False
+        self._skip_event = False
         self._event = b""
         self._data: list[bytes] = []
         self._size = 0
@@ -28,33 +46,68 @@ class SSEParser:
         self.events = 0
 
     def feed(self, chunk: bytes) -> None:
-        if self._pending:
-            chunk = self._pending + chunk
-        lines = chunk.split(b"\n")
-        self._pending = lines.pop()
-        if len(self._pending) > self._max:
-            # A single line longer than any event may be: drop it and everything
-            # up to the next line break.
-            self._pending = b""
-            self._discard_event()
-        for line in lines:
-            self._line(line[:-1] if line.endswith(b"\r") else line)
+        if not chunk:
+            return
+        if self._after_cr:
+            self._after_cr = False
+            if chunk[:1] == _LF:
+                chunk = chunk[1:]
+                if not chunk:
+                    return
+        if _CR in chunk:
+            self._after_cr = chunk[-1:] == _CR
+            chunk = chunk.replace(b"\r\n", _LF).replace(_CR, _LF)
+        lines = chunk.split(_LF)
+        tail = lines.pop()
+        if lines:
+            first = lines[0]
+            if self._parts:
+                self._parts.append(first)
+                first = b"".join(self._parts)
+                self._parts = []
+                self._parts_len = 0
+            if self._skip_line:
+                # The rest of a line already dropped as too long.
+                self._skip_line = False
+            else:
+                self._line(first)
+            for line in lines[1:]:
+                self._line(line)
+        if tail and not self._skip_line:
+            if self._parts_len + len(tail) > self._max:
+                # This line is already longer than any event may be.
+                self._parts = []
+                self._parts_len = 0
+                self._skip_line = True
+                self._discard_event()
+            else:
+                self._parts.append(tail)
+                self._parts_len += len(tail)
 
     def close(self) -> None:
         """End of stream: a final event without its blank line still counts."""
-        if self._pending:
-            line = self._pending
-            self._pending = b""
-            self._line(line[:-1] if line.endswith(b"\r") else line)
-        if self._data:
+        if self._parts:
+            line = b"".join(self._parts)
+            self._parts = []
+            self._parts_len = 0
+            self._line(line)
+        self._skip_line = False
+        if self._data and not self._skip_event:
             self._dispatch()
 
     def _line(self, line: bytes) -> None:
         if not line:
-            if self._data:
+            if self._skip_event:
+                self._skip_event = False
+            elif self._data:
                 self._dispatch()
-            else:
-                self._event = b""
+                return
+            self._event = b""
+            return
+        if self._skip_event:
+            return
+        if len(line) > self._max:
+            self._discard_event()
             return
         if line[0] == 0x3A:  # ":" comment / keep-alive
             return
@@ -80,7 +133,10 @@ class SSEParser:
         self._on_event(event, data)
 
     def _discard_event(self) -> None:
-        self.oversized += 1
+        """Drop the event being read, and everything up to the blank line that ends it."""
+        if not self._skip_event:
+            self.oversized += 1
+        self._skip_event = True
         self._data = []
         self._event = b""
         self._size = 0
