@@ -15,6 +15,9 @@ LEGACY_SUBSCRIPTION_PREFIX = "sgs_"
 KNOWN_PREFIXES = (DOTCOM_USER_PREFIX, SUBSCRIPTION_PREFIX, LEGACY_SUBSCRIPTION_PREFIX)
 TOKEN_LENGTH = 68
 _HEX = frozenset(string.hexdigits)
+_MAX_SCHEME_SHOWN = 20
+# Prefixes of credentials a client might paste without a scheme (gateway tokens, provider keys).
+_CREDENTIAL_PREFIXES = ("sgd_", "slk_", "sgs_", "sgp_", "sk-", "sk_")
 
 
 def parse_bearer(header: str | None) -> str:
@@ -25,8 +28,21 @@ def parse_bearer(header: str | None) -> str:
     if not sep:
         raise BadRequest("token type missing in Authorization header")
     if scheme.lower() != "bearer":
-        raise BadRequest(f"invalid token type {scheme}")
+        # The reference echoes the scheme; a client that forgot "Bearer " would
+        # see its token echoed (and so would whatever logs error bodies).
+        shown = scheme if _looks_like_scheme(scheme) else "(not shown)"
+        raise BadRequest(f"invalid token type {shown}")
     return token
+
+
+def _looks_like_scheme(scheme: str) -> bool:
+    """An auth scheme name (RFC 9110 token, short), not a pasted credential."""
+    return (
+        0 < len(scheme) <= _MAX_SCHEME_SHOWN
+        and scheme.isascii()
+        and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in scheme)
+        and not scheme.lower().startswith(_CREDENTIAL_PREFIXES)
+    )
 
 
 def normalise_subscription_token(token: str) -> str:
