@@ -71,7 +71,7 @@ def slack_text(
         link = f"<{dotcom_origin}/site-admin/dotcom/product/subscriptions/{actor_id}|{actor_name or actor_id}>"
     else:
         link = f"`{actor_id}`"
-    reset_at = dt.datetime.fromtimestamp(int((now or time.time()) + ttl_s), tz=dt.timezone.utc)
+    reset_at = dt.datetime.fromtimestamp(int((time.time() if now is None else now) + ttl_s), tz=dt.timezone.utc)
     return (
         f'The actor {link} from "{source}" has exceeded *{percent}%* of its rate limit quota for `{feature}`. '
         f"The quota will reset in `{format_go_duration(int(ttl_s))}` at `{reset_at.strftime('%Y-%m-%dT%H:%M:%SZ')}`."
@@ -153,6 +153,11 @@ class QuotaNotifier:
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
+    @property
+    def pending(self) -> int:
+        """Notifications still running."""
+        return len(self._tasks)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -226,7 +231,8 @@ class QuotaNotifier:
         if self.redis is None:
             self._local.set_bucket(key, bucket, ttl_s)
             return
-        await self._redis("notify_setex", self.redis.setex(key, ttl_s, bucket))
+        # SET with EX is SETEX, which redis-py deprecates.
+        await self._redis("notify_set", self.redis.set(key, bucket, ex=ttl_s))
 
     # -- Slack ------------------------------------------------------------------------
 

@@ -91,7 +91,6 @@ class SentryReporter:
             # Redis commands or log breadcrumbs (any of them could carry a prompt).
             default_integrations=False,
             auto_enabling_integrations=False,
-            send_default_pii=False,
             include_local_variables=False,
             max_request_body_size="never",
             max_breadcrumbs=0,

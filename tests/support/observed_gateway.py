@@ -130,6 +130,15 @@ class InProcessGateway:
 
     # -- helpers ------------------------------------------------------------------------
 
+    def settle(self) -> None:
+        """Wait until the loop has finished what it was doing.
+
+        A response reaches the client before its handler's ``on_finish`` (span
+        end, hooks) has run; that runs in the same loop callback, so one round
+        trip through the loop afterwards is enough.
+        """
+        self.call(lambda: None)
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the gateway's loop thread and return its result."""
         future: Future[T] = Future()
