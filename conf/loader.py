@@ -10,6 +10,7 @@ every bad key at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,7 @@ REPO_DIR = CONF_DIR.parent
 SCHEMA_PATH = CONF_DIR / "schema.json"
 DEFAULT_CONFIG_PATH = CONF_DIR / "gateway.toml"
 ENV_PREFIX = "CODY_GATEWAY_"
+_INT64_MAX = 2**63 - 1
 
 
 class ConfigError(Exception):
@@ -119,6 +121,63 @@ def _fill_defaults(doc: dict[str, Any], schema: Mapping[str, Any]) -> None:
             _fill_defaults(doc[key], sub)
 
 
+def _normalise_numbers(node: Any, schema: Mapping[str, Any], path: tuple[str, ...]) -> list[str]:
+    """Reject NaN and infinities (TOML and float() accept them, every comparison with them is
+    false, so no minimum would catch them) and turn integer-valued floats into ints where the
+    schema wants an integer (jsonschema accepts 2048.0 as an integer; code downstream may not)."""
+    problems: list[str] = []
+    kind = schema.get("type")
+    if isinstance(node, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, value in list(node.items()):
+            sub = props.get(key, extra if isinstance(extra, dict) else {})
+            where = ".".join((*path, str(key)))
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64_MAX:
+                problems.append(f"{where}: out of range (more than 64 bits)")
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    problems.append(f"{where}: must be a finite number, not {value}")
+                elif sub.get("type") == "integer" and value.is_integer():
+                    node[key] = int(value)
+            else:
+                problems += _normalise_numbers(value, sub, (*path, str(key)))
+    elif isinstance(node, list) and kind == "array":
+        items = schema.get("items", {})
+        for i, value in enumerate(node):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64_MAX:
+                problems.append(f"{'.'.join((*path, str(i)))}: out of range (more than 64 bits)")
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    problems.append(f"{'.'.join((*path, str(i)))}: must be a finite number, not {value}")
+                elif items.get("type") == "integer" and value.is_integer():
+                    node[i] = int(value)
+            else:
+                problems += _normalise_numbers(value, items, (*path, str(i)))
+    return problems
+
+
+def _check_durations(doc: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    """The schema's pattern admits "9999...9h"; its value must still be a finite number of seconds."""
+    problems: list[str] = []
+    for leaf_path, leaf in _leaves(schema):
+        if leaf.get("$ref") != "#/$defs/duration":
+            continue
+        node: Any = doc
+        for key in leaf_path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node is None:
+            continue
+        try:
+            seconds = parse_duration(node)
+        except ValueError as exc:
+            problems.append(f"{'.'.join(leaf_path)}: {exc}")
+            continue
+        if not math.isfinite(seconds):
+            problems.append(f"{'.'.join(leaf_path)}: duration out of range")
+    return problems
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -140,8 +199,10 @@ def load_config(
         try:
             with config_path.open("rb") as fh:
                 doc = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{config_path}: {exc}"]) from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{config_path}: not valid TOML: {exc}"]) from exc
+        except OSError as exc:
+            raise ConfigError([f"{config_path}: cannot read: {exc.strerror or exc}"]) from exc
     elif path:
         raise ConfigError([f"{config_path}: no such file"])
 
@@ -160,13 +221,21 @@ def load_config(
         _set_path(doc, tuple(dotted.split(".")), value)
 
     _fill_defaults(doc, schema)
+    problems += _normalise_numbers(doc, schema, ())
     validator = jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
+    secret_paths = {path for path, leaf in _leaves(schema) if leaf.get("x-secret")}
     for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        problems.append(f"{where}: {error.message}")
+        if tuple(str(p) for p in error.absolute_path) in secret_paths:
+            # jsonschema quotes the bad value; a secret must not reach stderr or a log.
+            problems.append(f"{where}: invalid value (not shown: secret), failed {error.validator!r}")
+        else:
+            problems.append(f"{where}: {error.message}")
 
+    if not problems:
+        problems += _check_durations(doc, schema)
     if not problems:
         for name, provider in doc["providers"].items():
             if provider.get("access_token") and "allowed_models" in provider and not provider["allowed_models"]:
