@@ -147,6 +147,10 @@ def _content(value: Any, path: str) -> str:
 
 
 class FireworksCall(BufferedCall):
+    # True when the client asked Fireworks to trace the request (X-Fireworks-Genie:
+    # true); the reference counts these in cody-gateway.fireworks-traced-requests.
+    traced = False
+
     def _on_event(self, name: bytes, data: bytes) -> None:
         event = self._json(data)
         if event is None:
@@ -274,7 +278,7 @@ class FireworksProvider:
         else:
             flat = "".join(m["content"] + "\n" for m in messages or ())
         traced = headers.get("X-Fireworks-Genie", "").strip() == "true"
-        return FireworksCall(
+        call = FireworksCall(
             UpstreamRequest(
                 url=self._chat_url if feature == CHAT_COMPLETIONS else self._text_url,
                 headers=self._traced_headers if traced else self._headers,
@@ -285,3 +289,5 @@ class FireworksProvider:
             prompt_chars=len(prompt) if prompt else sum(len(m["content"]) for m in messages or ()),
             prompt_text=flat,
         )
+        call.traced = traced
+        return call
