@@ -14,6 +14,7 @@ import orjson
 from errors import BadRequest
 
 _PREFIX = "failed to parse request body: "
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -58,7 +59,11 @@ def opt_int(data: Mapping[str, Any], key: str, path: str | None = None) -> int |
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
         raise _fail(path or key, "an integer", value)
-    return int(value)
+    number = int(value)
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        # 1e300 is integer-valued, but no upstream takes it and it cannot be re-encoded (a 500).
+        raise BadRequest(_PREFIX + f"field {path or key!r} is out of range")
+    return number
 
 
 def opt_number(data: Mapping[str, Any], key: str, path: str | None = None) -> float | int | None:
