@@ -86,6 +86,7 @@ class Observability(Observer):
         self._decisions: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
         self._usage: WeakKeyDictionary[Any, tuple[int | None, int | None]] = WeakKeyDictionary()
         self._attempts: WeakKeyDictionary[Any, list[Any]] = WeakKeyDictionary()
+        self._embeddings: WeakKeyDictionary[Any, dict[str, Any]] = WeakKeyDictionary()
         # Until the limiter call is wrapped (``limiter``), decisions are inferred
         # from the pipeline's hooks; once it is, the wrapper is the only source.
         self.wired: dict[str, bool] = {"auth": False, "limiter": False, "upstream": False, "attempts": False, "events": False}
@@ -235,6 +236,16 @@ class Observability(Observer):
                 upstream_span, "POST", attempt.started_at, attempt.ended_at or ended, attributes, kind=SpanKind.CLIENT
             )
 
+    def embeddings_finished(self, handler: Any, metadata: dict[str, Any]) -> None:
+        """The EmbeddingsFinished event's metadata (provider, model, upstream figures, tokens)."""
+        try:
+            self._embeddings[handler] = metadata
+            model_label = self.metrics.model_label(metadata.get("model"))
+            self.metrics.observe_tokens(metadata.get("provider") or "", model_label, "embeddings", metadata.get("tokens_used"), None)
+            self._usage[handler] = (metadata.get("tokens_used"), None)
+        except Exception:  # noqa: BLE001
+            self._hook_failed("on_embeddings_finished")
+
     def request_finished(self, handler: Any, status: int, duration_s: float) -> None:
         try:
             self._request_finished(handler, status, duration_s)
@@ -255,7 +266,16 @@ class Observability(Observer):
         if started is not None:
             upstream_s = (getattr(handler, "upstream_ended", None) or time.monotonic()) - started
         ttfb = getattr(handler, "time_to_first_byte_s", None)
-        outcome = getattr(handler, "outcome", "") if started is not None else ""
+        upstream_status = getattr(handler, "upstream_status", None)
+        embedding = self._embeddings.pop(handler, None) if self._embeddings else None
+        if embedding is not None and embedding.get("upstream_request_duration_ms") is not None:
+            # Embeddings keep their upstream figures in the event, not on the handler.
+            upstream_s = embedding["upstream_request_duration_ms"] / 1000
+            upstream_status = embedding.get("upstream_status_code")
+            model = embedding.get("model") or model
+            stream = False
+        reached_upstream = upstream_s is not None
+        outcome = getattr(handler, "outcome", "") if reached_upstream else ""
         facts = RequestFacts(
             route=getattr(handler, "route_class", OTHER),
             status=status,
@@ -265,7 +285,7 @@ class Observability(Observer):
             model=metrics.model_label(model),
             stream=stream,
             upstream_s=upstream_s,
-            upstream_status=getattr(handler, "upstream_status", None),
+            upstream_status=upstream_status,
             ttfb_s=ttfb,
             chunks=getattr(handler, "chunks_relayed", 0) or 0,
             outcome=outcome or "",
@@ -273,8 +293,8 @@ class Observability(Observer):
         metrics.observe_request(facts)
         actor = getattr(handler, "actor", None)
         decision = self._decisions.pop(handler, None)
-        if call is not None and not self.wired["limiter"] and raw_feature:
-            # The pipeline only builds the upstream call after an admission.
+        if (call is not None or reached_upstream) and not self.wired["limiter"] and raw_feature:
+            # The pipeline keeps its upstream call only after an admission.
             metrics.limiter_decision(feature, "allowed")
         if self.notifier is not None and actor is not None and raw_feature and 200 <= status < 300:
             self._notify_usage(handler, actor, raw_feature, decision)
@@ -300,7 +320,7 @@ class Observability(Observer):
         }
         if provider:
             fields_["provider"] = provider
-        if started is not None:
+        if reached_upstream:
             fields_["stream"] = stream
             fields_["upstream_status"] = facts.upstream_status
             fields_["upstream_ms"] = round((upstream_s or 0.0) * 1000, 3)
@@ -370,9 +390,10 @@ class Observability(Observer):
 
         def circuits() -> None:
             breaker = services.extras.get("circuit_breaker")
-            states = getattr(breaker, "states", None)
-            if callable(states):
-                metrics.sample_circuits({m: s is True or s == "open" for m, s in states().items()})
+            snapshot = getattr(breaker, "snapshot", None)
+            if callable(snapshot):
+                models = snapshot().get("models", {})
+                metrics.sample_circuits({m: state.get("state") == "open" for m, state in models.items()})
 
         metrics.add_sampler(circuits)
 
@@ -430,6 +451,7 @@ def install_observability(
     extras["on_request_finished"] = observability.request_finished
     extras["on_rate_limited"] = observability.rate_limited
     extras["on_completion_finished"] = observability.completion_finished
+    extras["on_embeddings_finished"] = observability.embeddings_finished
     if is_dataclass(services) and any(f.name == "observe" for f in fields(services)):
         services.observe = observability
 
@@ -462,8 +484,12 @@ def _feature_label(feature: str | None) -> str:
 
 
 def _provider_name(handler: Any) -> str:
+    """The upstream provider's name: the completions handler's provider, or the embeddings model's."""
     provider = getattr(handler, "provider", None)
-    return getattr(provider, "name", "") if provider is not None else ""
+    if provider is not None:
+        return str(getattr(provider, "name", ""))
+    request = getattr(handler, "request_", None)
+    return str(getattr(getattr(request, "model", None), "provider", "") or "")
 
 
 def _auth_outcome(exc: BaseException) -> str:

@@ -163,3 +163,88 @@ def test_every_metric_follows_the_naming_conventions(gw: InProcessGateway) -> No
             assert names <= {family.name + suffix for suffix in ("_bucket", "_count", "_sum")}, names
         for sample in family.samples:
             assert not {"actor", "actor_id", "identifier", "token", "trace_id"} & set(sample.labels), sample
+
+
+WORKER = """
+import os, sys
+from telemetry.metrics import GatewayMetrics, RequestFacts
+m = GatewayMetrics(version="test", providers=["anthropic"], models=["anthropic/claude-3-haiku-20240307"])
+for _ in range(int(sys.argv[1])):
+    m.observe_request(RequestFacts(route="completions", status=200, duration_s=0.2, provider="anthropic",
+                                   feature="chat_completions", stream=True, upstream_s=0.19, upstream_status=200,
+                                   ttfb_s=0.05, chunks=10, outcome="complete"))
+m.upstream_started("anthropic", "chat_completions")
+m.event_backlog.set(int(sys.argv[1]))
+print(os.getpid())
+"""
+
+SCRAPER = """
+import sys
+from telemetry.metrics import GatewayMetrics, mark_worker_dead
+for pid in sys.argv[1:]:
+    mark_worker_dead(int(pid))
+m = GatewayMetrics(version="test", providers=["anthropic"])
+body, _ = m.exposition(None)
+sys.stdout.write(body.decode())
+"""
+
+
+def run_python(code: str, *args: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_multiprocess_mode_aggregates_every_worker(tmp_path: Path) -> None:
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    first = run_python(WORKER, "3", env=env).strip()
+    second = run_python(WORKER, "4", env=env).strip()
+    samples = parse(run_python(SCRAPER, env=env))
+    chat = {"provider": "anthropic", "feature": "chat_completions"}
+    assert value(samples, "cody_gateway_http_requests_total", route="completions", provider="anthropic", code="200") == 7
+    assert value(samples, "cody_gateway_stream_chunks_total", **chat) == 70
+    assert value(samples, "cody_gateway_latency_overhead_seconds_count", **chat, stream="true") == 7
+    # Live gauges add up over the workers, and a dead worker's share goes away.
+    assert value(samples, "cody_gateway_concurrent_upstream_requests", **chat) == 2
+    assert value(samples, "cody_gateway_event_buffer_backlog") == 7
+    samples = parse(run_python(SCRAPER, first, env=env))
+    assert value(samples, "cody_gateway_event_buffer_backlog") == 4
+    samples = parse(run_python(SCRAPER, second, env=env))
+    assert value(samples, "cody_gateway_event_buffer_backlog") == 0
+    assert value(samples, "cody_gateway_http_requests_total", route="completions", provider="anthropic", code="200") == 7
+
+
+def test_embeddings_and_circuit_breaker_state_are_measured(gw: InProcessGateway) -> None:
+    response = httpx.post(
+        gw.base_url + "/v1/embeddings",
+        json={"model": "openai/text-embedding-ada-002", "input": ["hello world", "second input"]},
+        headers={"Authorization": f"Bearer {TOKEN_A}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    # Enough failed attempts (3 per request with retries) for the breaker to open.
+    for _ in range(4):
+        assert post(gw, "down fake:status=500").status_code == 500
+    assert post(gw, "refused").status_code == 503
+    _, samples = scrape(gw)
+    emb = {"provider": "openai", "feature": "embeddings"}
+    assert value(samples, "cody_gateway_http_requests_total", route="embeddings", provider="openai", code="200") == 1
+    assert value(samples, "cody_gateway_upstream_responses_total", provider="openai", code="200") == 1
+    assert value(samples, "cody_gateway_latency_overhead_seconds_count", **emb, stream="false") == 1
+    assert value(samples, "cody_gateway_completions_total", **emb, stream="false", outcome="complete") == 1
+    assert value(samples, "cody_gateway_tokens_total", provider="openai", model="openai/text-embedding-ada-002",
+                 feature="embeddings", direction="input") > 0
+    assert value(samples, "cody_gateway_limiter_decisions_total", feature="embeddings", outcome="allowed") == 1
+    assert value(samples, "cody_gateway_circuit_breaker_open", model=f"anthropic/{MODEL}") == 1
+    assert value(samples, "cody_gateway_http_requests_total", route="completions", provider="anthropic", code="503") == 1

@@ -96,6 +96,10 @@ class InProcessGateway:
             version="test",
         )
         routes = await attach_extras(self.services, http_client=self.http_client)
+        # As gateway.serve attaches it (until attach_extras does).
+        from upstreams.circuit import CircuitBreaker
+
+        self.services.extras.setdefault("circuit_breaker", CircuitBreaker(config.upstream))
         self.notify_redis = None
         if self._notify_redis_url:
             import redis.asyncio as aioredis
