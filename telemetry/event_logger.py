@@ -143,6 +143,7 @@ class EventLogger:
         self._replay_ready = not self._leftovers
         self._replaying = False
         self._spilling = 0
+        self._overflow_spilling = False
         self._inflight_batches = 0
         self._inflight_events = 0
         self._healthy = True
@@ -252,7 +253,7 @@ class EventLogger:
         remaining = self._take_all_queued()
         if remaining:
             await self._spill(remaining, reason="shutdown")
-        while (self._spilling or self._live_inflight()) and time.monotonic() < deadline:
+        while (self._spilling or self._inflight_batches) and time.monotonic() < deadline:
             await self._changed.wait(timeout=dt.timedelta(seconds=max(0.01, deadline - time.monotonic())))
         if self._live_inflight():
             # Slow flushes still running: their events stay unacknowledged in
@@ -304,7 +305,8 @@ class EventLogger:
                 self._kick()
         else:
             self._overflow.append(entry)
-            self._kick()
+            if len(self._overflow) >= self._batch_size:
+                self._kick()
 
     def _normalise(self, event: Event) -> Event:
         # The reference's BigQuery logger silently discards events with an
@@ -358,10 +360,16 @@ class EventLogger:
                 self._inflight_batches += 1
                 self._inflight_events += len(batch)
                 self._spawn(self._deliver(batch))
-            if self._overflow:
+            if self._overflow and not self._overflow_spilling and (
+                len(self._overflow) >= self._batch_size
+                or now - self._overflow[0].queued_at >= self._flush_interval_s
+            ):
+                # Batched like flushes, one at a time: a spill file per event
+                # would cost an fsync each.
                 batch, self._overflow = self._overflow, []
                 self._spilling += 1
-                self._spawn(self._spill(batch, reason="buffer full", counted=True))
+                self._overflow_spilling = True
+                self._spawn(self._spill_overflow(batch))
             if (
                 self._leftovers
                 and self._replay_ready
@@ -469,7 +477,14 @@ class EventLogger:
 
     # -- spilling ---------------------------------------------------------
 
+    async def _spill_overflow(self, batch: list[_Entry]) -> None:
+        try:
+            await self._spill(batch, reason="buffer full", counted=True)
+        finally:
+            self._overflow_spilling = False
+
     async def _spill(self, batch: list[_Entry], *, reason: str, counted: bool = False) -> None:
+        """Move ``batch`` to a fsynced spill file (``counted``: the caller already bumped ``_spilling``)."""
         if not counted:
             self._spilling += 1
         try:
@@ -522,6 +537,8 @@ class EventLogger:
                 self._cursor = cursor
             cursor = self._cursor
             events, next_offset, unreadable, eof = await self._run(self._spool.read_batch, cursor, self._batch_size)
+            if self._stopping:
+                return  # the file stays for the next start
             if events:
                 try:
                     await self._run(self._write_replay, events, cursor.path)

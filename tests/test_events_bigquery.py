@@ -151,7 +151,9 @@ def test_slow_endpoint(tmp_path: Path, bq: FakeBigQuery) -> None:
             ids.append(event.event_id)
             if i % 30 == 29:
                 await asyncio.sleep(0.005)
-        assert worst < 0.05, f"record() blocked for {worst:.3f}s with a slow sink"
+        # Each insert takes 0.3 s: a record() that waited for the sink would show it.
+        # (The bound leaves room for GIL and CPU contention on a shared machine.)
+        assert worst < 0.2, f"record() blocked for {worst:.3f}s with a slow sink"
         bq.set_delay(0)
         await wait_until(lambda: logger.delivered + logger.replayed == len(ids) + 10 and logger.pending_replay == 0, 30)
         await logger.stop(5)
