@@ -48,6 +48,7 @@ from tornado.locks import Condition, Event as TornadoEvent
 
 from conf.model import EventsConfig
 from telemetry.events import Event, EventSink
+from telemetry.sinks import RejectedRows
 from telemetry.spool import Log, ReplayCursor, Spool
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class EventLogger:
         self.flush_failures = 0  # failed write_batch calls
         self.journal_errors = 0  # journal appends that failed (event kept in memory only)
         self.coerced = 0  # events whose metadata needed str() for some values
+        self.rejected = 0  # refused by the sink for good; kept in spool_dir/rejected.jsonl
 
     # -- public API -------------------------------------------------------
 
@@ -205,6 +207,7 @@ class EventLogger:
             "flush_failures": self.flush_failures,
             "journal_errors": self.journal_errors,
             "coerced": self.coerced,
+            "rejected": self.rejected,
             "backlog": self.backlog,
             "pending_replay": self.pending_replay,
         }
@@ -409,21 +412,27 @@ class EventLogger:
         """Write one live batch (the caller has counted it in flight)."""
         started = time.monotonic()
         attempt = 0
+        counted = len(batch)  # in flight; batch may shrink if the sink rejects rows
         try:
             while True:
                 try:
                     await self._run(self._write_live, batch)
                 except Exception as exc:  # noqa: BLE001 - any sink failure is retried
+                    refused = exc.event_ids if isinstance(exc, RejectedRows) else set()
+                    poisoned = [e for e in batch if e.event.event_id in refused]
+                    if poisoned:
+                        await self._set_aside(poisoned, exc)
+                        batch = [e for e in batch if e.event.event_id not in refused]
+                        if not batch:
+                            return
+                        continue  # the rest only failed alongside them: resend now
                     attempt += 1
                     self._note_failure(exc)
                     if self._stopping or time.monotonic() - started >= self._spill_after_s:
                         await self._spill(batch, reason="sink unavailable")
                         return
                     self.retried += len(batch)
-                    try:
-                        await self._stop_requested.wait(timeout=dt.timedelta(seconds=self._retry_delay(attempt)))
-                    except TimeoutError:
-                        pass
+                    await self._sleep(self._retry_delay(attempt))
                     continue
                 self.delivered += len(batch)
                 self._note_success()
@@ -431,7 +440,30 @@ class EventLogger:
                 return
         finally:
             self._inflight_batches -= 1
-            self._inflight_events -= len(batch)
+            self._inflight_events -= counted
+
+    async def _sleep(self, seconds: float) -> None:
+        """Back off, but wake at once when stop() begins."""
+        try:
+            await self._stop_requested.wait(timeout=dt.timedelta(seconds=seconds))
+        except TimeoutError:
+            pass
+
+    async def _set_aside(self, poisoned: list[_Entry], exc: Exception) -> None:
+        """Dead-letter events the sink refuses for good, so they stop blocking the rest."""
+        try:
+            await self._run(self._write_dead_letter, poisoned)
+        except Exception:  # noqa: BLE001
+            # Stay in the journal for the next start rather than vanish.
+            log.exception("could not set aside %d rejected events", len(poisoned))
+            return
+        self.rejected += len(poisoned)
+        self._note_acked(poisoned)
+        log.error("sink refused %d events for good, kept in %s: %s", len(poisoned), self._spool.root / "rejected.jsonl", exc)
+
+    def _write_dead_letter(self, batch: list[_Entry]) -> None:
+        self._spool.dead_letter(e.line for e in batch)
+        self._ack_journals(batch)
 
     def _write_live(self, batch: list[_Entry]) -> None:
         self.sink.write_batch([e.event for e in batch])
@@ -542,6 +574,16 @@ class EventLogger:
             if events:
                 try:
                     await self._run(self._write_replay, events, cursor.path)
+                except RejectedRows as exc:
+                    poisoned = [e for e in events if e.event_id in exc.event_ids]
+                    if not poisoned:
+                        self._note_failure(exc)
+                        return
+                    await self._run(self._dead_letter_replayed, poisoned, cursor.path)
+                    cursor.acked.update(e.event_id for e in poisoned)
+                    self.rejected += len(poisoned)
+                    log.error("sink refused %d replayed events for good: %s", len(poisoned), exc)
+                    return  # the next step re-reads this batch without them
                 except Exception as exc:  # noqa: BLE001
                     self._note_failure(exc)
                     return
@@ -558,6 +600,10 @@ class EventLogger:
         finally:
             self._inflight_batches -= 1
             self._replaying = False
+
+    def _dead_letter_replayed(self, events: list[Event], path: Path) -> None:
+        self._spool.dead_letter(e.to_json_line() for e in events)
+        self._spool.ack(path, [e.event_id for e in events])
 
     def _write_replay(self, events: list[Event], path: Path) -> None:
         self.sink.write_batch(events)

@@ -144,6 +144,18 @@ class StdoutSink:
             stream.flush()
 
 
+class RejectedRows(Exception):
+    """The sink will never accept these events (a poison row); the rest may be retried at once.
+
+    The logger sets the rejected events aside in a dead-letter file instead
+    of retrying them for ever, which would block every later event.
+    """
+
+    def __init__(self, event_ids: set[str], message: str) -> None:
+        super().__init__(message)
+        self.event_ids = event_ids
+
+
 class BigQueryInsertError(RuntimeError):
     """insertAll answered, but with row errors (the whole request is retried)."""
 
@@ -177,7 +189,7 @@ class BigQuerySink:
         table: str,
         api_url: str = "",
         create_if_missing: bool = True,
-        timeout_s: float = 30.0,
+        timeout_s: float = 10.0,
         client: Any = None,
     ) -> None:
         if not project_id:
@@ -257,6 +269,16 @@ class BigQuerySink:
                 self._table_ready = False  # deleted under us: recreate on the retry
                 raise
             if errors:
+                # "invalid" rows will never go in; the others ("stopped") only
+                # failed alongside them.
+                invalid = {
+                    ids[row["index"]]
+                    for row in errors
+                    if any(err.get("reason") == "invalid" for err in row.get("errors", []))
+                    and 0 <= row.get("index", -1) < len(ids)
+                }
+                if invalid:
+                    raise RejectedRows(invalid, str(BigQueryInsertError(list(errors))))
                 raise BigQueryInsertError(list(errors))
 
     def _chunks(self, events: list[Event]) -> Any:

@@ -50,6 +50,8 @@ SPILL_PREFIX = "spill-"
 LOG_SUFFIX = ".jsonl"
 ACKS_SUFFIX = ".acks"
 MAX_SLOTS = 1024
+# Outside the slot directories, so replay never picks it up.
+DEAD_LETTER = "rejected.jsonl"
 
 
 @dataclass(eq=False)
@@ -179,6 +181,18 @@ class Spool:
         os.replace(tmp, path)
         self._fsync_dir()
         return path, count
+
+    def dead_letter(self, lines: Iterable[bytes]) -> Path:
+        """Append events the sink refuses for good to ``rejected.jsonl`` (never replayed)."""
+        path = self.root / DEAD_LETTER
+        data = b"".join(lines)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from telemetry.event_logger import EventLogger
@@ -261,3 +262,60 @@ def test_missing_table_without_create_is_retried_not_lost(tmp_path: Path, bq: Fa
 
     logger, ids = asyncio.run(main())
     assert_exactly_once(bq, ids)
+
+
+def test_poison_rows_are_set_aside_and_do_not_block_the_rest(tmp_path: Path, bq: FakeBigQuery) -> None:
+    config = bq_config(tmp_path, bq, batch_size=50)
+    bq.set_poison("poison")
+
+    async def main() -> tuple[EventLogger, list[str], list[str]]:
+        logger = EventLogger(config, build_sink(config, str(tmp_path)), base_dir=str(tmp_path), retry_base_s=0.02)
+        logger.start()
+        good: list[str] = []
+        bad: list[str] = []
+        for i in range(300):
+            event = make_event(i) if i % 37 else Event("CompletionsFinished", "dotcom-user", "poison", {"i": i})
+            (good if i % 37 else bad).append(event.event_id)
+            logger.record(event)
+            if i % 20 == 0:
+                await asyncio.sleep(0.002)
+        await wait_until(lambda: logger.delivered == len(good) and logger.rejected == len(bad), 20)
+        await logger.stop(2)
+        return logger, good, bad
+
+    logger, good, bad = asyncio.run(main())
+    assert_exactly_once(bq, good)
+    dead = [orjson.loads(line)["event_id"] for line in (tmp_path / "spool" / "rejected.jsonl").read_bytes().splitlines()]
+    assert sorted(dead) == sorted(bad)
+    assert logger.dropped == 0 and logger.spilled == 0 and logger.flush_failures == 0
+    assert spool_files(tmp_path) == ["rejected.jsonl"]
+
+
+def test_poison_rows_in_a_spill_file_are_set_aside_on_replay(tmp_path: Path, bq: FakeBigQuery) -> None:
+    config = bq_config(tmp_path, bq, batch_size=50)
+    bq.go_down()
+
+    async def first() -> list[Event]:
+        logger = EventLogger(config, build_sink(config, str(tmp_path)), base_dir=str(tmp_path), retry_base_s=0.02)
+        logger.start()
+        events = [make_event(i) if i % 10 else Event("CompletionsFinished", "s", "poison", {}) for i in range(100)]
+        for e in events:
+            logger.record(e)
+        await logger.stop(0.5)
+        assert logger.spilled == 100
+        return events
+
+    events = asyncio.run(first())
+    bq.come_up()
+    bq.set_poison("poison")
+
+    async def second() -> EventLogger:
+        logger = EventLogger(config, build_sink(config, str(tmp_path)), base_dir=str(tmp_path))
+        logger.start()
+        await wait_until(lambda: logger.pending_replay == 0, 20)
+        await logger.stop(2)
+        return logger
+
+    logger = asyncio.run(second())
+    assert logger.replayed == 90 and logger.rejected == 10
+    assert_exactly_once(bq, [e.event_id for e in events if e.identifier != "poison"])

@@ -51,6 +51,7 @@ class _State:
     fail_insert_next: int = 0  # fail only this many further insertAll calls
     lose_responses: bool = False  # store rows, then answer 503 (the client retries)
     delay_s: float = 0.0
+    poison_identifier: str | None = None  # rows with this identifier are "invalid"
     insert_calls: int = 0
     received_rows: int = 0
     duplicate_rows: int = 0
@@ -179,11 +180,12 @@ class _InsertAll(_Handler):
                 return
             known = {f["name"] for f in (table.schema or {}).get("fields", [])}
             errors = []
-            if known and not ignore_unknown:
-                for index, row in enumerate(rows):
-                    extra = set(row.get("json", {})) - known
-                    if extra:
-                        errors.append({"index": index, "errors": [{"reason": "invalid", "message": f"no such field: {sorted(extra)[0]}."}]})
+            for index, row in enumerate(rows):
+                extra = set(row.get("json", {})) - known if known and not ignore_unknown else set()
+                if extra:
+                    errors.append({"index": index, "errors": [{"reason": "invalid", "message": f"no such field: {sorted(extra)[0]}."}]})
+                elif state.poison_identifier is not None and row.get("json", {}).get("identifier") == state.poison_identifier:
+                    errors.append({"index": index, "errors": [{"reason": "invalid", "message": "poisoned row (injected)"}]})
             if errors:
                 # Like BigQuery without skipInvalidRows: nothing is stored.
                 bad = {e["index"] for e in errors}
@@ -323,6 +325,11 @@ class FakeBigQuery:
     def set_delay(self, seconds: float) -> None:
         with self.lock:
             self.state.delay_s = seconds
+
+    def set_poison(self, identifier: str | None) -> None:
+        """Reject rows with this identifier as invalid (None to stop)."""
+        with self.lock:
+            self.state.poison_identifier = identifier
 
     def set_lose_responses(self, lose: bool) -> None:
         with self.lock:
