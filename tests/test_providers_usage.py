@@ -197,3 +197,23 @@ def test_garbage_and_errors_never_raise_and_stay_unknown() -> None:
     body = parse(openai(), {"model": "gpt-4", "messages": []})
     run(body, b"<html>not json</html>")
     assert body.usage().completion_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("provider", "body"),
+    [
+        (legacy, {"model": "claude-2", "prompt": "x", "max_tokens_to_sample": -7}),
+        (openai, {"model": "gpt-4", "max_tokens": 0, "messages": []}),
+        (openai, {"model": "gpt-4", "max_completion_tokens": -1, "messages": []}),
+        (openai, {"model": "gpt-4", "n": 0, "messages": []}),
+        (fireworks, {"model": "starcoder", "max_tokens": -7, "prompt": "x"}),
+        (google, {"model": "gemini-pro", "generationConfig": {"maxOutputTokens": -7}}),
+        (google, {"model": "gemini-pro", "generationConfig": {"candidateCount": 0}}),
+    ],
+)
+def test_counts_below_one_are_a_400(provider: Any, body: dict[str, Any]) -> None:
+    # A negative max tokens would become a negative token reservation in the limiter.
+    from errors import BadRequest
+
+    with pytest.raises(BadRequest, match="must be at least 1"):
+        parse(provider(), body)

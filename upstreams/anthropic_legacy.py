@@ -22,7 +22,7 @@ import orjson
 from conf.model import AnthropicConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest
-from upstreams.callbase import BufferedCall
+from upstreams.callbase import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -98,7 +98,7 @@ class AnthropicLegacyProvider:
         data = known_fields(parse_body(body), REQUEST_FIELDS)
         prompt = opt_str(data, "prompt") or ""
         requested_model = opt_str(data, "model") or ""
-        max_tokens = opt_int(data, "max_tokens_to_sample") or 0
+        max_tokens = at_least_one(opt_int(data, "max_tokens_to_sample"), "max_tokens_to_sample") or 0
         if max_tokens > self._config.max_tokens_to_sample:
             raise BadRequest(
                 f"max_tokens_to_sample exceeds maximum allowed value of {self._config.max_tokens_to_sample}: {max_tokens}"

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, Usage
 from upstreams.sse import SSEParser
 from upstreams.tokenizer import count_tokens
@@ -156,3 +157,14 @@ def usage_count(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
+
+
+def at_least_one(value: int | None, name: str) -> int | None:
+    """A token or choice count from the client: absent, or a 400 below 1.
+
+    A negative max-tokens would otherwise become a negative token reservation
+    in the limiter (quota given back that was never taken).
+    """
+    if value is not None and value < 1:
+        raise BadRequest(f"{name} must be at least 1: {value}")
+    return value

@@ -27,7 +27,7 @@ from actors.model import CHAT_COMPLETIONS
 from conf.model import FireworksConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest
-from upstreams.callbase import BufferedCall, usage_count
+from upstreams.callbase import BufferedCall, at_least_one, usage_count
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -244,8 +244,8 @@ class FireworksProvider:
         requested_model = opt_str(data, "model") or ""
         language_id = opt_str(data, "languageId") or ""
         stream = bool(opt_bool(data, "stream"))
-        n = opt_int(data, "n")
-        max_tokens = opt_int(data, "max_tokens")
+        n = at_least_one(opt_int(data, "n"), "n")
+        max_tokens = at_least_one(opt_int(data, "max_tokens"), "max_tokens")
 
         unresolved = requested_model.removeprefix(f"{PROVIDER}/")
         model = pick_fine_tuned(pick_starcoder(unresolved, self._config, self._roll()), language_id)

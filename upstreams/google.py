@@ -29,7 +29,7 @@ import orjson
 from conf.model import GoogleConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest
-from upstreams.callbase import BufferedCall, usage_count
+from upstreams.callbase import BufferedCall, at_least_one, usage_count
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -72,6 +72,11 @@ def _system_instruction(value: Any) -> dict[str, Any] | None:
     return {"parts": _parts(content.get("parts", []), "systemInstruction.parts")}
 
 
+def _count(config: Mapping[str, Any], key: str) -> int | None:
+    path = f"generationConfig.{key}"
+    return at_least_one(opt_int(config, key, path), path)
+
+
 def _generation_config(data: Mapping[str, Any]) -> dict[str, Any]:
     raw = opt_object(data, "generationConfig")
     if raw is None:
@@ -83,8 +88,8 @@ def _generation_config(data: Mapping[str, Any]) -> dict[str, Any]:
         ("topP", opt_number(known, "topP", "generationConfig.topP")),
         ("topK", opt_int(known, "topK", "generationConfig.topK")),
         ("stopSequences", opt_str_list(known, "stopSequences", "generationConfig.stopSequences")),
-        ("maxOutputTokens", opt_int(known, "maxOutputTokens", "generationConfig.maxOutputTokens")),
-        ("candidateCount", opt_int(known, "candidateCount", "generationConfig.candidateCount")),
+        ("maxOutputTokens", _count(known, "maxOutputTokens")),
+        ("candidateCount", _count(known, "candidateCount")),
     ):
         if value is not None:
             out[key] = value

@@ -25,7 +25,7 @@ from actors.model import CODE_COMPLETIONS
 from conf.model import OpenAIConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest
-from upstreams.callbase import BufferedCall, usage_count
+from upstreams.callbase import BufferedCall, at_least_one, usage_count
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -166,9 +166,9 @@ class OpenAIChatProvider:
         requested_model = opt_str(data, "model") or ""
         model = requested_model.removeprefix(f"{PROVIDER}/")
         stream = bool(opt_bool(data, "stream"))
-        n = opt_int(data, "n")
-        max_tokens = opt_int(data, "max_tokens")
-        max_completion_tokens = opt_int(data, "max_completion_tokens")
+        n = at_least_one(opt_int(data, "n"), "n")
+        max_tokens = at_least_one(opt_int(data, "max_tokens"), "max_tokens")
+        max_completion_tokens = at_least_one(opt_int(data, "max_completion_tokens"), "max_completion_tokens")
         upstream: dict[str, Any] = {"model": model, "messages": messages}
         for key, value in (
             ("temperature", opt_number(data, "temperature")),
