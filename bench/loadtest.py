@@ -230,11 +230,11 @@ class Runner:
         conn: Connection | None = None
         sent = 0
         while not self.stopping and (scn.per_connection == 0 or sent < scn.per_connection):
+            sent += 1
             try:
                 if conn is None or conn.closed:
                     self._drop(conn)
                     conn = await self._connection()
-                sent += 1
                 await conn.request(time.perf_counter(), scn.timeout_s)
             except ResponseError as exc:
                 if exc.kind == "stale":

@@ -227,7 +227,8 @@ def start_stack(
 ) -> Stack:
     """Everything up and ready, or everything stopped and an exception.
 
-    ``gateway_prefix`` wraps the gateway command (e.g. a profiler).
+    ``gateway_prefix`` replaces the interpreter in the gateway command (e.g.
+    ``[python, "-m", "pyinstrument", ...]``).
     ``gateway_dir`` runs the gateway from another checkout (e.g. a snapshot of
     HEAD, so that files being edited in the work tree do not break a run).
     """
@@ -246,7 +247,7 @@ def start_stack(
             env = gateway_env(wd, stack.fake_url, redis_url=stack.redis_url, otlp_url=stack.otlp_url, processes=processes)
             env.update(extra_env or {})
             source = gateway_dir or Path(os.environ.get("BENCH_GATEWAY_DIR") or REPO)
-            cmd = [*(gateway_prefix or []), sys.executable, str(source / "gateway.py"), "--port", str(free_port() if processes > 1 else 0)]
+            cmd = [*(gateway_prefix or [sys.executable]), str(source / "gateway.py"), "--port", str(free_port() if processes > 1 else 0)]
             proc = Proc("gateway", cmd, wd / "gateway.log", env=env, cwd=wd)
             stack.procs["gateway"] = proc
             stack.gateway_url = proc.wait_for(_LISTENING, 60).group(1)
@@ -269,6 +270,7 @@ def main() -> None:
         print(f"token          {stack.token}")
         print(f"work dir       {stack.workdir}")
         print(f"try: python bench/loadtest.py --url {stack.gateway_url} --token {stack.token} --pid {stack.gateway.pid}")
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         stack.stop()
