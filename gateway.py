@@ -87,7 +87,7 @@ async def serve(
         tracing=tracing,
         version=_version(),
     )
-    extra_routes = await attach_extras(services, http_client=http_client)
+    extra_routes = await attach_extras(services, http_client=http_client, redis_client=lock_redis)
     extra_routes += attribution_routes(remote.attribution)
     extra_routes.append((r"/-/actor/sync-all-sources", SyncAllSourcesHandler, {}))
     sync_worker = None

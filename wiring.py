@@ -103,8 +103,12 @@ def build_actor_chain(
     return SourceChain(sources, local_cache_ttl_s=actors.local_cache_ttl), static
 
 
-async def attach_extras(services: Services, *, http_client: AsyncHTTPClient) -> list[Any]:
-    """Optional parts: health probes, hooks and their routes. Returns extra routes."""
+async def attach_extras(services: Services, *, http_client: AsyncHTTPClient, redis_client: Any | None = None) -> list[Any]:
+    """Optional parts: health probes, request screening, circuit breaker. Returns extra routes."""
+    from handlers.flagged_prompts import flagged_prompt_routes, make_screen_request
+    from upstreams.circuit import CircuitBreaker
+
+    routes: list[Any] = []
     events = services.events
     probes = services.extras.setdefault("health_probes", {})
 
@@ -114,4 +118,12 @@ async def attach_extras(services: Services, *, http_client: AsyncHTTPClient) -> 
         return {"ok": healthy, **stats}
 
     probes["events"] = events_probe
-    return []
+
+    screen = make_screen_request(services.config, redis_client)
+    services.extras["screen_request"] = screen
+    routes += flagged_prompt_routes(screen.store)
+
+    breaker = CircuitBreaker(services.config.upstream)
+    services.extras["circuit_breaker"] = breaker
+    probes["circuits"] = breaker.health_probe
+    return routes

@@ -260,7 +260,7 @@ class CompletionsHandler(BodyHandler):
         rule = LimitedRequest.make_rule(
             actor.id, feature, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.stall_timeout_s + 30
         )
-        decision = await self.limited.acquire(rule, cost=1, token_reserve=call.info.max_tokens or 0)
+        decision = await self.limited.acquire(rule, cost=1, token_reserve=max(0, call.info.max_tokens or 0))
         if not decision.allowed:
             self.record_rate_limited(decision, feature)
             refresh_in_background(self.services, actor)

@@ -1,15 +1,11 @@
 """Helpers shared by the tests/test_providers_*.py files.
 
-``WiredGateway`` runs the real ``gateway.py`` with the screening hook and the
-circuit breaker attached exactly as wiring.py is asked to attach them
-(docs/providers.md, "Wiring"); when wiring.py already attaches them, the
-launcher changes nothing.
+``WiredGateway`` is the real ``gateway.py`` with event lookups by trace id.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,62 +15,14 @@ import httpx
 import pytest
 
 from tests.conftest import DEFAULT_ACTORS, DIAGNOSTICS_SECRET, TOKEN_A
-from tests.support.processes import LISTENING, REPO, GatewayProcess, ManagedProcess, wait_until, write_actors
+from tests.support.processes import GatewayProcess, wait_until, write_actors
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"
 
-LAUNCHER = f'''
-import sys
-sys.path.insert(0, {str(REPO)!r})
-import wiring
-
-_original = wiring.attach_extras
-
-
-async def attach_extras(services, **kwargs):
-    routes = await _original(services, **kwargs)
-    extras = services.extras
-    if "screen_request" not in extras:
-        from handlers.flagged_prompts import flagged_prompt_routes, make_screen_request
-
-        redis_client = None
-        if services.config.redis.endpoint:
-            from limiter.redis_connect import connect
-
-            redis_client = connect(services.config.redis.endpoint, timeout_ms=services.config.redis.timeout_ms,
-                                   max_connections=services.config.redis.max_connections)
-        screen = make_screen_request(services.config, redis_client)
-        extras["screen_request"] = screen
-        routes = [*routes, *flagged_prompt_routes(screen.store)]
-    if "circuit_breaker" not in extras:
-        from upstreams.circuit import CircuitBreaker
-
-        breaker = CircuitBreaker(services.config.upstream)
-        extras["circuit_breaker"] = breaker
-        extras.setdefault("health_probes", {{}})["circuits"] = breaker.health_probe
-    return routes
-
-
-wiring.attach_extras = attach_extras
-import gateway
-
-sys.exit(gateway.main(sys.argv[1:]))
-'''
 
 
 class WiredGateway(GatewayProcess):
-    def __init__(self, workdir: Path, env: dict[str, str], name: str = "gateway") -> None:
-        self.workdir = workdir
-        self.events_path = Path(env.get("CODY_GATEWAY_EVENTS_FILE", workdir / "events.jsonl"))
-        self.env = dict(env)
-        launcher = workdir / "wired_gateway.py"
-        launcher.write_text(LAUNCHER)
-        self.process = ManagedProcess(
-            [sys.executable, str(launcher), "--port", env.get("PORT", "0")], env=self.env, cwd=workdir, name=name
-        )
-        match = self.process.wait_for(LISTENING, timeout=30)
-        self.base_url = match.group(1)
-        self.port = int(match.group(2))
+    """A gateway process with helpers to find a request's events by trace id."""
 
     def event_for(self, trace_id: str, name: str = "CompletionsFinished", timeout: float = 10.0) -> dict[str, Any]:
         """The one event of a request; fails if there is none or more than one."""

@@ -144,17 +144,12 @@ def test_request_decoding_never_raises_anything_but_a_4xx(path: str, provider: P
     run()
 
 
-ANTHROPIC_USAGE_BUG = (
-    "upstreams/anthropic_messages.py _set_prompt_tokens trusts the upstream: int() of "
-    "cache_*_input_tokens raises on a string or list (an exception inside the relay) and "
-    "negative or huge numbers are counted; read each field with callbase.usage_count()"
-)
 
 
 def _usage_params() -> list[Any]:
     out = []
     for path, provider in PROVIDERS:
-        marks = [pytest.mark.xfail(strict=True, reason=ANTHROPIC_USAGE_BUG)] if path == "/v1/completions/anthropic-messages" else []
+        marks: list[Any] = []
         out.append(pytest.param(path, provider, id=path, marks=marks))
     return out
 
@@ -214,17 +209,12 @@ NEGATIVE_MAX_TOKENS = {
     "/v1/completions/fireworks": {"model": "m", "max_tokens": -7, "prompt": "def f():"},
     "/v1/completions/google": {"model": "m", "contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": -7}},
 }
-NEGATIVE_MAX_TOKENS_BUG = (
-    "a negative max tokens is accepted and becomes a negative token_reserve, which the limiter "
-    "adds to the actor's token bucket (quota inflation); the provider should answer 400 as "
-    "anthropic-messages does, and handlers/completions.py should pass max(0, max_tokens)"
-)
 
 
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param(path, marks=[] if path == "/v1/completions/anthropic-messages" else [pytest.mark.xfail(strict=True, reason=NEGATIVE_MAX_TOKENS_BUG)])
+        pytest.param(path)
         for path in NEGATIVE_MAX_TOKENS
     ],
 )

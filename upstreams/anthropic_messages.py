@@ -19,6 +19,7 @@ import orjson
 from conf.model import AnthropicConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, Usage
+from upstreams.callbase import usage_count
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -110,18 +111,22 @@ class AnthropicMessagesCall:
                 usage = orjson.loads(data)["message"]["usage"]
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 return
+            if not isinstance(usage, dict):
+                return
             self._set_prompt_tokens(usage)
-            if isinstance(usage.get("output_tokens"), int) and self._usage.completion_tokens is None:
-                self._usage.completion_tokens = usage["output_tokens"]
+            if self._usage.completion_tokens is None:
+                self._usage.completion_tokens = usage_count(usage.get("output_tokens"))
         elif name == b"message_delta":
             try:
                 usage = orjson.loads(data).get("usage") or {}
             except (orjson.JSONDecodeError, AttributeError):
                 return
-            if isinstance(usage.get("output_tokens"), int):
-                self._usage.completion_tokens = usage["output_tokens"]
-            if isinstance(usage.get("input_tokens"), int):
-                self._set_prompt_tokens(usage)
+            if not isinstance(usage, dict):
+                return
+            output_tokens = usage_count(usage.get("output_tokens"))
+            if output_tokens is not None:
+                self._usage.completion_tokens = output_tokens
+            self._set_prompt_tokens(usage)
         elif name == b"error":
             try:
                 self.in_band_error = str(orjson.loads(data)["error"].get("message") or "error")
@@ -129,12 +134,13 @@ class AnthropicMessagesCall:
                 self.in_band_error = "error"
 
     def _set_prompt_tokens(self, usage: Mapping[str, Any]) -> None:
-        if isinstance(usage.get("input_tokens"), int):
+        input_tokens = usage_count(usage.get("input_tokens"))
+        if input_tokens is not None:
             # Cached prompt tokens are billed prompt tokens too; Anthropic reports them apart.
             self._usage.prompt_tokens = (
-                usage["input_tokens"]
-                + int(usage.get("cache_read_input_tokens") or 0)
-                + int(usage.get("cache_creation_input_tokens") or 0)
+                input_tokens
+                + (usage_count(usage.get("cache_read_input_tokens")) or 0)
+                + (usage_count(usage.get("cache_creation_input_tokens")) or 0)
             )
 
     def finish(self) -> None:
@@ -152,8 +158,7 @@ class AnthropicMessagesCall:
                 usage = data.get("usage")
                 if isinstance(usage, dict):
                     self._set_prompt_tokens(usage)
-                    if isinstance(usage.get("output_tokens"), int):
-                        self._usage.completion_tokens = usage["output_tokens"]
+                    self._usage.completion_tokens = usage_count(usage.get("output_tokens"))
             self._body = bytearray()
         if self._usage.completion_tokens is None and self._text:
             self._usage.completion_tokenizer_tokens = count_tokens("".join(self._text))
