@@ -100,16 +100,24 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, scrubber: Scrubber | None = None) -> None:
         super().__init__()
         self.scrubber = scrubber or Scrubber()
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, created: float, msecs: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int(msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key[0] != "_":
                 payload[key] = value
         if "trace_id" not in payload:
             ids = current_ids()
@@ -126,6 +134,10 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Our lines never show thread or process names: skip looking them up per record.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # Tornado's own access log duplicates ours.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
@@ -152,6 +164,10 @@ class AccessLog:
     def __init__(self, *, enabled: bool) -> None:
         self.logger = logging.getLogger(ACCESS_LOGGER)
         self.level = logging.INFO if enabled else logging.DEBUG
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(self.level)
 
     def write(self, fields: dict[str, Any]) -> None:
         logger = self.logger

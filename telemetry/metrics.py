@@ -254,6 +254,7 @@ class GatewayMetrics:
 
         self._feeds: dict[tuple[str, ...], _CounterFeed] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._bundles: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._precreate()
 
     # -- children --------------------------------------------------------------
@@ -292,23 +293,46 @@ class GatewayMetrics:
     # -- per request ------------------------------------------------------------
 
     def observe_request(self, facts: RequestFacts) -> None:
-        route, provider, status = facts.route, facts.provider, facts.status
-        self._child(self.requests, route, provider, str(status)).inc()
-        self._child(self.request_duration, route, provider, f"{status // 100}xx").observe(facts.duration_s)
+        # One lookup finds every child this kind of request updates.
+        key = (facts.route, facts.provider, facts.status, facts.feature, facts.stream, facts.upstream_status,
+               facts.outcome, facts.upstream_s is None)
+        bundle = self._bundles.get(key)
+        if bundle is None:
+            bundle = self._bundles[key] = self._bundle(facts)
+        bundle[0].inc()
+        bundle[1].observe(facts.duration_s)
         if facts.upstream_s is None:
             return
+        bundle[2].observe(facts.upstream_s)
+        bundle[3].observe(max(0.0, facts.duration_s - facts.upstream_s))
+        bundle[4].inc()
+        if facts.ttfb_s is not None:
+            bundle[5].observe(facts.ttfb_s)
+        if facts.chunks:
+            bundle[6].inc(facts.chunks)
+        if bundle[7] is not None:
+            bundle[7].inc()
+
+    def _bundle(self, facts: RequestFacts) -> tuple[Any, ...]:
+        route, provider, status = facts.route, facts.provider, facts.status
+        children: list[Any] = [
+            self._child(self.requests, route, provider, str(status)),
+            self._child(self.request_duration, route, provider, f"{status // 100}xx"),
+        ]
+        if facts.upstream_s is None:
+            return tuple(children)
         feature = facts.feature
         stream = "true" if facts.stream else "false"
-        self._child(self.upstream_duration, provider, feature, stream).observe(facts.upstream_s)
-        self._child(self.overhead, provider, feature, stream).observe(max(0.0, facts.duration_s - facts.upstream_s))
         code = str(facts.upstream_status) if facts.upstream_status is not None else "none"
-        self._child(self.upstream_responses, provider, code).inc()
-        if facts.ttfb_s is not None:
-            self._child(self.ttfb, provider, feature, stream).observe(facts.ttfb_s)
-        if facts.chunks:
-            self._child(self.stream_chunks, provider, feature).inc(facts.chunks)
-        if facts.outcome:
-            self._child(self.completions, provider, feature, stream, facts.outcome).inc()
+        children += [
+            self._child(self.upstream_duration, provider, feature, stream),
+            self._child(self.overhead, provider, feature, stream),
+            self._child(self.upstream_responses, provider, code),
+            self._child(self.ttfb, provider, feature, stream),
+            self._child(self.stream_chunks, provider, feature),
+            self._child(self.completions, provider, feature, stream, facts.outcome) if facts.outcome else None,
+        ]
+        return tuple(children)
 
     def observe_tokens(self, provider: str, model: str, feature: str, input_tokens: int | None, output_tokens: int | None) -> None:
         if input_tokens:

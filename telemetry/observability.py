@@ -179,7 +179,8 @@ class Observability(Observer):
     def _completion_finished(self, handler: Any, usage: Any) -> None:
         input_tokens = getattr(usage, "prompt_tokens", None)
         output_tokens = getattr(usage, "completion_tokens", None)
-        self._usage[handler] = (input_tokens, output_tokens)
+        if self.access_log.enabled:
+            self._usage[handler] = (input_tokens, output_tokens)
         provider = _provider_name(handler)
         model = getattr(handler, "model", None)
         model_label = self.metrics.model_label(model)
@@ -242,7 +243,8 @@ class Observability(Observer):
             self._embeddings[handler] = metadata
             model_label = self.metrics.model_label(metadata.get("model"))
             self.metrics.observe_tokens(metadata.get("provider") or "", model_label, "embeddings", metadata.get("tokens_used"), None)
-            self._usage[handler] = (metadata.get("tokens_used"), None)
+            if self.access_log.enabled:
+                self._usage[handler] = (metadata.get("tokens_used"), None)
         except Exception:  # noqa: BLE001
             self._hook_failed("on_embeddings_finished")
 
@@ -292,60 +294,71 @@ class Observability(Observer):
         )
         metrics.observe_request(facts)
         actor = getattr(handler, "actor", None)
-        decision = self._decisions.pop(handler, None)
+        decision = self._decisions.pop(handler, None) if self.wired["limiter"] else None
         if (call is not None or reached_upstream) and not self.wired["limiter"] and raw_feature:
             # The pipeline keeps its upstream call only after an admission.
             metrics.limiter_decision(feature, "allowed")
         if self.notifier is not None and actor is not None and raw_feature and 200 <= status < 300:
             self._notify_usage(handler, actor, raw_feature, decision)
 
+        if self.access_log.enabled:
+            usage = self._usage.pop(handler, None)
+            self.access_log.write(self._access_fields(handler, facts, raw_feature, model, stream, upstream_s, ttfb, usage))
+        if self.sentry is not None:
+            self.sentry.request_finished(getattr(handler, "span_id", ""), status, self._sentry_tags(handler, facts, raw_feature, model))
+
+    @staticmethod
+    def _access_fields(
+        handler: Any, facts: RequestFacts, feature: str | None, model: Any, stream: bool | None,
+        upstream_s: float | None, ttfb: float | None, usage: tuple[int | None, int | None] | None,
+    ) -> dict[str, Any]:
         request = handler.request
-        usage = self._usage.pop(handler, None)
-        trace_id = getattr(handler, "trace_id", "")
-        span_id = getattr(handler, "span_id", "")
+        actor = getattr(handler, "actor", None)
+        duration_s = facts.duration_s
         fields_: dict[str, Any] = {
             "method": request.method,
             "path": request.path,
-            "status": status,
+            "status": facts.status,
             "duration_ms": round(duration_s * 1000, 3),
             "route": facts.route,
             "actor_id": actor.id if actor is not None else None,
             "actor_source": actor.source if actor is not None else None,
-            "feature": raw_feature,
+            "feature": feature,
             "model": model[:_MAX_TEXT] if isinstance(model, str) else None,
-            "trace_id": trace_id,
-            "span_id": span_id,
+            "trace_id": getattr(handler, "trace_id", ""),
+            "span_id": getattr(handler, "span_id", ""),
             "remote_ip": request.remote_ip,
             "user_agent": (request.headers.get("User-Agent") or "")[:_MAX_TEXT],
         }
-        if provider:
-            fields_["provider"] = provider
-        if reached_upstream:
+        if facts.provider:
+            fields_["provider"] = facts.provider
+        if upstream_s is not None:
             fields_["stream"] = stream
             fields_["upstream_status"] = facts.upstream_status
-            fields_["upstream_ms"] = round((upstream_s or 0.0) * 1000, 3)
-            fields_["overhead_ms"] = round(max(0.0, duration_s - (upstream_s or 0.0)) * 1000, 3)
+            fields_["upstream_ms"] = round(upstream_s * 1000, 3)
+            fields_["overhead_ms"] = round(max(0.0, duration_s - upstream_s) * 1000, 3)
             fields_["ttfb_ms"] = round(ttfb * 1000, 3) if ttfb is not None else None
             fields_["chunks"] = facts.chunks
             fields_["outcome"] = facts.outcome
         if usage is not None:
             fields_["input_tokens"], fields_["output_tokens"] = usage
-        self.access_log.write(fields_)
+        return fields_
 
-        if self.sentry is not None:
-            tags = {
-                "actor_id": fields_["actor_id"] or "",
-                "actor_source": fields_["actor_source"] or "",
-                "trace_id": trace_id,
-                "span_id": span_id,
-                "route": facts.route,
-                "method": request.method or "",
-                "provider": provider,
-                "feature": raw_feature or "",
-                "model": facts.model if model else "",
-                "status": str(status),
-            }
-            self.sentry.request_finished(span_id, status, tags)
+    @staticmethod
+    def _sentry_tags(handler: Any, facts: RequestFacts, feature: str | None, model: Any) -> dict[str, str]:
+        actor = getattr(handler, "actor", None)
+        return {
+            "actor_id": actor.id if actor is not None else "",
+            "actor_source": actor.source if actor is not None else "",
+            "trace_id": getattr(handler, "trace_id", ""),
+            "span_id": getattr(handler, "span_id", ""),
+            "route": facts.route,
+            "method": handler.request.method or "",
+            "provider": facts.provider,
+            "feature": feature or "",
+            "model": facts.model if model else "",
+            "status": str(facts.status),
+        }
 
     def _notify_usage(self, handler: Any, actor: Any, feature: str, decision: Any) -> None:
         notifier = self.notifier
