@@ -79,6 +79,8 @@ class InProcessGateway:
         from wiring import attach_extras, build_actor_chain, build_event_logger, build_limiter
 
         config = self.config
+        # Global to the test process: put back at teardown for the tests that follow.
+        self._saved_client_config = AsyncHTTPClient._save_configuration()
         AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient", max_clients=config.upstream.max_clients)
         self.http_client = AsyncHTTPClient()
         self.limiter = await build_limiter(config)
@@ -125,6 +127,10 @@ class InProcessGateway:
         if self.notify_redis is not None:
             await self.notify_redis.aclose()
         self.tracing.shutdown()
+        from tornado.httpclient import AsyncHTTPClient
+
+        self.http_client.close()
+        AsyncHTTPClient._restore_configuration(self._saved_client_config)
 
     def stop(self) -> None:
         if not self._thread.is_alive():
