@@ -246,8 +246,8 @@ class EventLogger:
             self._pump()
             if not self._queue and not self._overflow and self._live_inflight() == 0:
                 break
-            if not self._healthy and self._inflight_batches == 0 and time.monotonic() < self._backoff_until:
-                break  # the sink is down: do not wait out a backoff, spill instead
+            if not self._healthy:
+                break  # the sink is failing: do not wait out backoffs, spill instead
             await self._changed.wait(timeout=dt.timedelta(seconds=max(0.01, deliver_until - time.monotonic())))
         self._stopping = True
         self._stop_requested.set()  # retrying batches spill instead of sleeping
@@ -288,14 +288,17 @@ class EventLogger:
             journal = self._journal = self._spool.open_journal()
         try:
             self._spool.append(journal, line)
-        except OSError:
+        except OSError as exc:
             self.journal_errors += 1
-            log.exception("event journal append failed; event kept in memory only")
+            if self.journal_errors in (1, 10, 100) or self.journal_errors % 1000 == 0:
+                log.error("event journal append failed (%d so far); events kept in memory only: %s", self.journal_errors, exc)
             journal_used: Log | None = None
         else:
             journal_used = journal
         self.queued += 1
-        if self._stopped:
+        if self._stopping:
+            # Past the final flush: the journal is this event's spill; the
+            # next start replays it.
             if journal_used is None:
                 self.dropped += 1
             else:
@@ -349,6 +352,10 @@ class EventLogger:
             return
         try:
             now = time.monotonic()
+            if self._draining and self._overflow:
+                # Shutting down: the buffer bound no longer matters, deliver them.
+                self._queue.extend(self._overflow)
+                self._overflow = []
             while self._queue and self._inflight_batches < self._capacity() and now >= self._backoff_until:
                 due = (
                     self._draining

@@ -33,7 +33,6 @@ from typing import Any
 import orjson
 import tornado.web
 from tornado.httpserver import HTTPServer
-from tornado.netutil import bind_sockets
 
 
 @dataclass
@@ -223,6 +222,7 @@ class FakeBigQuery:
         self._thread: threading.Thread | None = None
         self._server: HTTPServer | None = None
         self._ready = threading.Event()
+        self._placeholder: socket.socket | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -241,9 +241,23 @@ class FakeBigQuery:
             (base + r"/datasets/([^/]+)/tables/([^/]+)/insertAll", _InsertAll, kw),
         ])
 
+    @staticmethod
+    def _socket(port: int, *, listen: bool) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        if listen:
+            sock.setblocking(False)
+            sock.listen(128)
+        return sock
+
     def start(self) -> FakeBigQuery:
-        sockets = bind_sockets(self._requested_port, address="127.0.0.1", family=socket.AF_INET)
+        sockets = [self._socket(self._requested_port, listen=True)]
         self.port = sockets[0].getsockname()[1]
+        # Bound but never listening: keeps the port ours while we are "down"
+        # (connections are refused, and no other process can take the port).
+        self._placeholder = self._socket(self.port, listen=False)
         self._thread = threading.Thread(target=self._serve, args=(sockets,), name="fake-bigquery", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -284,6 +298,9 @@ class FakeBigQuery:
         assert self._thread is not None
         self._thread.join(10)
         self._loop = None
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
 
     def __enter__(self) -> FakeBigQuery:
         return self.start()
@@ -307,9 +324,8 @@ class FakeBigQuery:
         """Listen again on the same port."""
         def up() -> None:
             if self._server is None:
-                sockets = bind_sockets(self.port, address="127.0.0.1", family=socket.AF_INET)
                 self._server = HTTPServer(self.app())
-                self._server.add_sockets(sockets)
+                self._server.add_sockets([self._socket(self.port, listen=True)])
 
         self._call(up)
 
