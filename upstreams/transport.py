@@ -19,6 +19,7 @@ import pycurl
 from tornado.curl_httpclient import CurlError
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httputil import HTTPHeaders
+from tornado.ioloop import PeriodicCallback
 
 from conf.model import UpstreamConfig
 from upstreams.base import UpstreamRequest
@@ -66,10 +67,42 @@ class AbortFlag:
         return 1 if self.set_ else 0
 
 
+class _Watched:
+    """One live attempt as the stall sweep sees it."""
+
+    __slots__ = ("abort", "last_data_at", "stalled")
+
+    def __init__(self, abort: AbortFlag) -> None:
+        self.abort = abort
+        self.last_data_at: float | None = None
+        self.stalled = False
+
+    def progress(self, *_: Any) -> int:
+        """curl XFERINFOFUNCTION: non-zero aborts the transfer."""
+        return 1 if self.abort.set_ or self.stalled else 0
+
+
 class Transport:
+    """Upstream attempts, plus one sweep a second that aborts stalled streams.
+
+    curl's own low-speed check averages over several seconds and ignores the
+    wait for headers, so a stream that goes silent is detected here instead:
+    after its first byte, an attempt silent for ``stall_timeout_s`` is aborted
+    (within a second of the limit). Before the first byte the wait is the
+    model's time to first token, bounded by X-Timeout-Ms instead.
+    """
+
     def __init__(self, client: AsyncHTTPClient, config: UpstreamConfig) -> None:
         self._client = client
         self._config = config
+        self._live: set[_Watched] = set()
+        self._sweeper: PeriodicCallback | None = None
+
+    def _sweep(self) -> None:
+        deadline = time.monotonic() - self._config.stall_timeout_s
+        for watched in self._live:
+            if watched.last_data_at is not None and watched.last_data_at < deadline:
+                watched.stalled = True
 
     async def send(
         self,
@@ -82,7 +115,11 @@ class Transport:
     ) -> Attempt:
         attempt = Attempt()
         stall_s = self._config.stall_timeout_s
-        parsed = _HeaderParser()
+        watched = _Watched(abort)
+        parsed = _HeaderParser(watched)
+        if self._sweeper is None:
+            self._sweeper = PeriodicCallback(self._sweep, 1000)
+            self._sweeper.start()
 
         def dispatch_headers() -> None:
             # Runs on the IOLoop. curl can deliver a small response's body before
@@ -96,6 +133,7 @@ class Transport:
                 on_headers(parsed.status, parsed.headers)
 
         def chunk(data: bytes) -> None:
+            watched.last_data_at = time.monotonic()
             if attempt.status is None:
                 dispatch_headers()
             on_chunk(data)
@@ -103,9 +141,10 @@ class Transport:
         def prepare(curl: pycurl.Curl) -> None:
             curl.setopt(pycurl.HEADERFUNCTION, parsed.feed)
             curl.setopt(pycurl.NOPROGRESS, 0)
-            curl.setopt(pycurl.XFERINFOFUNCTION, abort.progress)
+            curl.setopt(pycurl.XFERINFOFUNCTION, watched.progress)
+            # A backstop only: the sweep above is the precise stall detector.
             curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-            curl.setopt(pycurl.LOW_SPEED_TIME, stall_s)
+            curl.setopt(pycurl.LOW_SPEED_TIME, stall_s * 2)
 
         http_request = HTTPRequest(
             request.url,
@@ -121,6 +160,7 @@ class Transport:
             allow_nonstandard_methods=True,
         )
         error: Exception | None
+        self._live.add(watched)
         try:
             response = await self._client.fetch(http_request, raise_error=False)
         except CurlError as exc:
@@ -129,6 +169,8 @@ class Transport:
             response, error = None, exc
         else:
             error = response.error
+        finally:
+            self._live.discard(watched)
         attempt.ended_at = time.monotonic()
         dispatch_headers()
         if response is not None and (error is None or not isinstance(error, CurlError)):
@@ -137,7 +179,9 @@ class Transport:
                 attempt.headers = HTTPHeaders()
                 on_headers(response.code, attempt.headers)
             return attempt
-        if abort.set_:
+        if watched.stalled:
+            attempt.outcome = STALL
+        elif abort.set_:
             attempt.outcome = CLIENT_GONE
         elif isinstance(error, CurlError):
             attempt.outcome = _classify(error, attempt)
@@ -149,12 +193,13 @@ class Transport:
 class _HeaderParser:
     """Collects the final response's status and headers (1xx blocks are skipped)."""
 
-    __slots__ = ("status", "headers", "complete")
+    __slots__ = ("status", "headers", "complete", "_watched")
 
-    def __init__(self) -> None:
+    def __init__(self, watched: _Watched) -> None:
         self.status = 0
         self.headers = HTTPHeaders()
         self.complete = False
+        self._watched = watched
 
     def feed(self, raw: bytes) -> None:
         line = raw.decode("latin1").rstrip("\r\n")
@@ -170,6 +215,8 @@ class _HeaderParser:
                 pass
         elif self.status >= 200:
             self.complete = True
+            # The headers count as data for the stall sweep.
+            self._watched.last_data_at = time.monotonic()
 
 
 def _classify(error: CurlError, attempt: Attempt) -> str:
