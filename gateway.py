@@ -69,7 +69,10 @@ async def serve(
     http_client = AsyncHTTPClient()
     warm_up()
 
-    limiter = await build_limiter(config)
+    from telemetry.observability import build_metrics, install_observability
+
+    metrics = build_metrics(config, _version())
+    limiter = await build_limiter(config, observe_redis=metrics.redis_call)
     events = build_event_logger(config)
     events.start()
     cache_redis, lock_redis = connect_actor_redis(config)
@@ -88,6 +91,7 @@ async def serve(
         version=_version(),
     )
     extra_routes = await attach_extras(services, http_client=http_client, redis_client=lock_redis)
+    install_observability(services, metrics=metrics, http_client=http_client, redis=lock_redis)
     extra_routes += attribution_routes(remote.attribution)
     extra_routes.append((r"/-/actor/sync-all-sources", SyncAllSourcesHandler, {}))
     sync_worker = None
@@ -216,6 +220,9 @@ def run_workers(config: Config) -> int:
         index = children.pop(pid, None)
         if index is None:
             continue
+        from telemetry.metrics import mark_worker_dead
+
+        mark_worker_dead(pid)
         if not stopping and code != 0:
             log.error("worker %d exited with status %d; restarting it", index, code)
             time.sleep(0.5)

@@ -28,7 +28,7 @@ from telemetry.sinks import build_sink
 log = logging.getLogger("gateway")
 
 
-async def build_limiter(config: Config) -> Limiter:
+async def build_limiter(config: Config, *, observe_redis: Any = None) -> Limiter:
     if not config.redis.endpoint:
         log.info("limiter: in-process (no REDIS_ENDPOINT)")
         return MemoryLimiter()
@@ -50,6 +50,7 @@ async def build_limiter(config: Config) -> Limiter:
         MemoryLimiter(),
         policy=config.redis.failure_policy,
         timeout_s=config.redis.timeout_ms / 1000,
+        observe=observe_redis,
     )
 
 

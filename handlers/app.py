@@ -15,6 +15,7 @@ from handlers.diagnostics import (
 )
 from handlers.embeddings import embedding_routes
 from handlers.limits import LimitsHandler, LimitsRefreshHandler
+from handlers.metrics import MetricsHandler
 from handlers.services import Services
 from upstreams.registry import completion_routes
 
@@ -25,6 +26,7 @@ def make_app(services: Services, extra_routes: list[Route] | None = None) -> tor
     routes: list[Route] = [
         (r"/-/__version", VersionHandler, {}),
         (r"/-/healthz", HealthHandler, {}),
+        (r"/metrics", MetricsHandler, {}),
         (r"/v1/limits", LimitsHandler, {}),
         (r"/v1/limits/refresh", LimitsRefreshHandler, {}),
     ]

@@ -92,7 +92,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if not token and self.accepts_api_key_header:
             token = self.request.headers.get("x-api-key", "")
         try:
-            actor = await self.services.actors.get(token)
+            actor = await self.services.observe.auth(self, self.services.actors.get(token))
         except TokenDeniedError as exc:
             self.record_event(ev.Event(ev.UNAUTHORIZED, exc.source, "unknown", {"reason": exc.reason}))
             raise
@@ -112,7 +112,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def record_event(self, event: ev.Event) -> None:
         event.metadata.setdefault("trace_id", self.trace_id)
-        self.services.events.record(event)
+        self.services.observe.record_event(self, event, self.services.events)
 
     def record_rate_limited(self, decision: Decision, feature: str) -> None:
         """The reference's RateLimited event, plus the metrics hook."""

@@ -260,7 +260,9 @@ class CompletionsHandler(BodyHandler):
         rule = LimitedRequest.make_rule(
             actor.id, feature, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.stall_timeout_s + 30
         )
-        decision = await self.limited.acquire(rule, cost=1, token_reserve=max(0, call.info.max_tokens or 0))
+        decision = await self.services.observe.limiter(
+            self, rule, self.limited.acquire(rule, cost=1, token_reserve=max(0, call.info.max_tokens or 0))
+        )
         if not decision.allowed:
             self.record_rate_limited(decision, feature)
             refresh_in_background(self.services, actor)
@@ -273,7 +275,7 @@ class CompletionsHandler(BodyHandler):
             raise ServiceUnavailable(
                 f"model {model} is currently unavailable", headers={"Retry-After": str(provider.default_retry_after_s)}
             )
-        await self.relay(call, timeout_s, breaker)
+        await self.services.observe.upstream(self, self.relay(call, timeout_s, breaker))
 
     # -- upstream ------------------------------------------------------------------
 
@@ -297,6 +299,7 @@ class CompletionsHandler(BodyHandler):
                 on_headers=self._on_upstream_headers,
                 on_chunk=self._on_upstream_chunk,
             )
+            self.services.observe.upstream_attempt(self, attempt)
             if breaker is not None and attempt.outcome != tp.CLIENT_GONE and not self.client_gone:
                 breaker.record(self.model, attempt.status if attempt.outcome == tp.OK else _breaker_code(attempt))
             if self.relaying or self.client_gone or attempt_no >= config.retry_max_attempts:

@@ -94,7 +94,7 @@ def embedding_routes(services: Services) -> list[tuple[str, type[BaseHandler], d
     embeddings = Embeddings(services)
     for provider, env in (("openai", "CODY_GATEWAY_OPENAI_ACCESS_TOKEN"), ("sourcegraph", "CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN")):
         if provider not in embeddings.clients:
-            log.warning("embeddings provider %s is disabled: no access token (%s)", provider, env)
+            log.warning("embeddings from %s are disabled: no access token (%s)", provider, env)
     return [
         (r"/v1/embeddings", EmbeddingsHandler, {"embeddings": embeddings}),
         (r"/v1/embeddings/models", EmbeddingModelsHandler, {"embeddings": embeddings}),
@@ -242,7 +242,7 @@ class EmbeddingsHandler(BodyHandler):
         # The embeddings bucket counts tokens; the token quota of completions does not apply.
         rule = dataclasses.replace(rule, tokens_limit=None)
         # At least 1: a request is admitted only while the quota is not overdrawn.
-        decision = await self.limited.acquire(rule, cost=max(1, estimate))
+        decision = await self.services.observe.limiter(self, rule, self.limited.acquire(rule, cost=max(1, estimate)))
         if not decision.allowed:
             self.request_ = None
             self.record_rate_limited(decision, EMBEDDINGS)
@@ -254,7 +254,7 @@ class EmbeddingsHandler(BodyHandler):
         exchange = Exchange(deadline=time.monotonic() + timeout_s, abort=self.abort)
         self.exchange = exchange
         try:
-            result = await client.embed(request, exchange)
+            result = await self.services.observe.upstream(self, client.embed(request, exchange))
         except ClientGone:
             self.outcome = OUTCOME_CLIENT_DISCONNECTED
             log.info("client disconnected from an embeddings request")

@@ -10,6 +10,7 @@ from conf.model import Config
 from limiter.base import Limiter
 from telemetry.events import EventRecorder
 from telemetry.tracing import Tracing
+from telemetry.observer import NULL_OBSERVER, Observer
 from upstreams.transport import Transport
 
 VERSION = "0.1.0"
@@ -24,6 +25,7 @@ class Services:
     transport: Transport
     tracing: Tracing
     version: str = VERSION
+    observe: Observer = NULL_OBSERVER
     # Optional parts that later layers attach (health probes of Redis and sinks,
     # circuit breakers, metrics); looked up by name so the core does not import them.
     extras: dict[str, Any] = field(default_factory=dict)
