@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -36,7 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "sgd_" + "b" * 64
 ACTOR_ID = "bench-actor"
 UPSTREAM_KEY = "bench-upstream-key"
-_LISTENING = re.compile(r"listening on (http://[\w.\[\]:-]+:(\d+))")
 
 
 class StackError(RuntimeError):
@@ -83,6 +84,15 @@ class Proc:
                 raise StackError(f"{self.name}: no {pattern.pattern!r} within {timeout_s}s:\n{self.output()[-3000:]}")
             time.sleep(0.05)
 
+    def wait_until(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if self.popen.poll() is not None:
+                raise StackError(f"{self.name} exited ({self.popen.returncode}):\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{self.name}: no {what} within {timeout_s}s:\n{self.output()[-3000:]}")
+            time.sleep(0.05)
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -93,6 +103,16 @@ class Proc:
                 self.popen.wait(5)
         self._log.close()
         return self.popen.returncode
+
+
+def _answers(url: str) -> bool:
+    # No proxy, whatever the environment says: everything here is on 127.0.0.1.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
 
 
 def start_redis(workdir: Path) -> tuple[Proc, str]:
@@ -247,10 +267,13 @@ def start_stack(
             env = gateway_env(wd, stack.fake_url, redis_url=stack.redis_url, otlp_url=stack.otlp_url, processes=processes)
             env.update(extra_env or {})
             source = gateway_dir or Path(os.environ.get("BENCH_GATEWAY_DIR") or REPO)
-            cmd = [*(gateway_prefix or [sys.executable]), str(source / "gateway.py"), "--port", str(free_port() if processes > 1 else 0)]
+            port = free_port()
+            cmd = [*(gateway_prefix or [sys.executable]), str(source / "gateway.py"), "--port", str(port)]
             proc = Proc("gateway", cmd, wd / "gateway.log", env=env, cwd=wd)
             stack.procs["gateway"] = proc
-            stack.gateway_url = proc.wait_for(_LISTENING, 60).group(1)
+            stack.gateway_url = f"http://127.0.0.1:{port}"
+            # Readiness is an answer on the port, not a log line: the log level may hide it.
+            proc.wait_until(lambda: _answers(stack.gateway_url + "/-/__version"), 60, "an answer on /-/__version")
     except BaseException:
         stack.stop()
         raise
