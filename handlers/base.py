@@ -22,6 +22,7 @@ from errors import Forbidden, GatewayError, NotFound, PayloadTooLarge
 from handlers.services import Services
 from limiter.base import CONCURRENCY, Decision
 from telemetry import events as ev
+from telemetry.event_logger import with_request_context
 from telemetry.tracing import span_ids
 
 log = logging.getLogger("gateway.http")
@@ -111,7 +112,13 @@ class BaseHandler(tornado.web.RequestHandler):
     # -- events ------------------------------------------------------------------
 
     def record_event(self, event: ev.Event) -> None:
-        event.metadata.setdefault("trace_id", self.trace_id)
+        headers = self.request.headers
+        event = with_request_context(
+            event,
+            actor_uid=headers.get("X-Sourcegraph-Actor-UID"),
+            anonymous_uid=headers.get("X-Sourcegraph-Actor-Anonymous-UID"),
+            trace_id=self.trace_id,
+        )
         self.services.observe.record_event(self, event, self.services.events)
 
     def record_rate_limited(self, decision: Decision, feature: str) -> None:

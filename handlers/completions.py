@@ -487,7 +487,6 @@ class CompletionsHandler(BodyHandler):
                 "outcome": self.outcome,
                 "sg_actor_id": self.request.headers.get("X-Sourcegraph-Actor-UID", ""),
                 "sg_actor_anonymous_uid": self.request.headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
-                "sg.actor": None,
             }
         )
         self.record_event(ev.Event(ev.COMPLETIONS_FINISHED, actor.source, actor.id, metadata))

@@ -314,7 +314,6 @@ class EmbeddingsHandler(BodyHandler):
             "outcome": self.outcome,
             "sg_actor_id": self.request.headers.get("X-Sourcegraph-Actor-UID", ""),
             "sg_actor_anonymous_uid": self.request.headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
-            "sg.actor": None,
         }
         self.record_event(ev.Event(ev.EMBEDDINGS_FINISHED, actor.source, actor.id, metadata))
         hook = self.services.extras.get("on_embeddings_finished")

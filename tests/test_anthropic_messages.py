@@ -134,6 +134,9 @@ def test_request_is_transformed_for_upstream(gw: GatewayProcess, fake_provider: 
     assert "authorization" not in headers  # the client's token never goes upstream
     assert response.headers["X-Cody-Resolved-Model"] == f"anthropic/{MODEL}"
     assert "set-cookie" not in response.headers
+    meta = gw.wait_events(1, "CompletionsFinished")[0]["metadata"]
+    assert meta["sg.actor"] == {"UID": 42} and meta["sg_actor_id"] == "42"
+    assert meta["trace_id"] == response.headers["X-Trace"]
 
 
 def test_bad_inputs_get_json_errors_and_no_event_is_lost(gw: GatewayProcess) -> None:
