@@ -82,8 +82,8 @@ _attach_extras = wiring.attach_extras
 def make_app(services, extra_routes=None):
     app = _make_app(services, extra_routes)
     # GET /openapi.json, until handlers/app.py registers it.
-    from tornado.httputil import HTTPServerRequest
-    probe = HTTPServerRequest(method="GET", uri="/openapi.json")
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+    probe = HTTPServerRequest(start_line=RequestStartLine("GET", "/openapi.json", "HTTP/1.1"), headers=HTTPHeaders({{"Host": "gw"}}))
     if app.find_handler(probe).handler_class.__name__ == "NotFoundHandler":
         from handlers.openapi import openapi_route
         pattern, handler, kwargs = openapi_route()
@@ -177,3 +177,14 @@ def unlimited_actor(actor_id: str, token: str) -> dict[str, Any]:
         "token": token,
         "rateLimits": {"chat_completions": big, "code_completions": big, "embeddings": {**big, "limit": 100_000_000}},
     }
+
+
+@pytest.fixture(scope="module")
+def private_fake() -> Iterator[Any]:
+    """A fake provider for one fuzz module, so that whatever the fuzzer makes it do
+    (huge embeddings, odd directives) cannot disturb other modules' tests."""
+    from tests.support.processes import FakeProviderProcess
+
+    fake = FakeProviderProcess()
+    yield fake
+    fake.stop()
