@@ -119,6 +119,14 @@ async def attach_extras(services: Services, *, http_client: AsyncHTTPClient, red
         return {"ok": healthy, **stats}
 
     probes["events"] = events_probe
+    limiter = services.limiter
+    if hasattr(limiter, "health"):
+        probes["redis"] = limiter.health
+    else:
+        async def memory_probe() -> dict[str, Any]:
+            return {"ok": True, "limiter": "in-process"}
+
+        probes["limiter"] = memory_probe
 
     screen = make_screen_request(services.config, redis_client)
     services.extras["screen_request"] = screen

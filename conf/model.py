@@ -37,6 +37,7 @@ class UpstreamConfig:
     default_timeout_ms: int
     max_timeout_ms: int
     max_error_body_bytes: int
+    lease_grace_s: float
     retry_max_attempts: int
     retry_base_delay_ms: int
     retry_max_delay_ms: int

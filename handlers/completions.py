@@ -258,7 +258,7 @@ class CompletionsHandler(BodyHandler):
         self.set_header("X-Cody-Resolved-Model", model)
 
         rule = LimitedRequest.make_rule(
-            actor.id, feature, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.stall_timeout_s + 30
+            actor.id, feature, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.lease_grace_s
         )
         decision = await self.services.observe.limiter(
             self, rule, self.limited.acquire(rule, cost=1, token_reserve=max(0, call.info.max_tokens or 0))

@@ -237,7 +237,7 @@ class EmbeddingsHandler(BodyHandler):
                 "tokens: split it into smaller batches"
             )
         rule = LimitedRequest.make_rule(
-            actor.id, EMBEDDINGS, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.stall_timeout_s + 30
+            actor.id, EMBEDDINGS, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.lease_grace_s
         )
         # The embeddings bucket counts tokens; the token quota of completions does not apply.
         rule = dataclasses.replace(rule, tokens_limit=None)

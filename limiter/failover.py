@@ -118,6 +118,28 @@ class FailoverLimiter:
     def policy(self) -> str:
         return self._policy
 
+    async def health(self) -> dict[str, object]:
+        """For /-/healthz: is Redis answering, and can the gateway serve without it?
+
+        With fail_open a Redis outage degrades limits to per-process but the
+        gateway still serves, so it stays healthy: a health check tied to Redis
+        would take every process out of rotation at once.
+        """
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._primary.ping(), self._timeout_s)
+            up = True
+        except Exception:
+            up = False
+        return {
+            "ok": up or self._policy == FAIL_OPEN,
+            "up": up,
+            "policy": self._policy,
+            "latency_ms": round((time.monotonic() - started) * 1000, 2),
+            "in_outage": self.stats.in_outage,
+            "pending_releases": self.stats.pending_releases,
+        }
+
     @property
     def in_outage(self) -> bool:
         return self.stats.in_outage
