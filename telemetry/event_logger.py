@@ -506,6 +506,7 @@ class EventLogger:
             log.error("event sink %s failed (%d in a row): %s", getattr(self.sink, "name", "?"), self._failures_in_row, exc)
         self._healthy = False
         self._backoff_until = time.monotonic() + self._retry_delay(self._failures_in_row)
+        self._changed.notify_all()  # a stop() waiting for this flush spills instead
 
     def _note_success(self) -> None:
         if not self._healthy:

@@ -224,7 +224,7 @@ def test_sigterm_with_streams_in_flight(start_gateway: Any, bq: FakeBigQuery, tm
     assert not errors, errors
     assert len(finished) == streams, "every in-flight stream finishes during the drain"
     assert gw.process.proc.wait(20) == 0
-    assert time.monotonic() - began < 15
+    assert time.monotonic() - began < 8, "drain (~1.5 s of stream) plus event flush or spill"
 
     if bigquery_at_shutdown == "up":
         assert_exactly_once(bq, finished)  # flushed before exit
