@@ -325,9 +325,10 @@ class EventLogger:
             changes["name"] = UNKNOWN_IDENTIFIER
         if not event.source:
             changes["source"] = UNKNOWN_IDENTIFIER
-        if not isinstance(event.metadata, Mapping):
-            changes["metadata"] = {}
-        return dataclasses.replace(event, **changes) if changes else event
+        # A copy, so a caller changing its dict after record() cannot make the
+        # delivered row differ from the journaled one.
+        changes["metadata"] = dict(event.metadata) if isinstance(event.metadata, Mapping) else {}
+        return dataclasses.replace(event, **changes)
 
     def _kick(self) -> None:
         if self._kick_scheduled or self._loop is None:

@@ -371,3 +371,19 @@ def test_record_is_cheap(tmp_path: Path) -> None:
 
     per_event = run(main())
     assert per_event < 200e-6, f"record() took {per_event * 1e6:.1f} us per event"
+
+
+def test_changing_metadata_after_record_does_not_change_the_row(tmp_path: Path) -> None:
+    config = events_config(tmp_path)
+
+    async def main() -> None:
+        logger = EventLogger(config, build_sink(config, str(tmp_path)), base_dir=str(tmp_path))
+        logger.start()
+        metadata: dict[str, Any] = {"tokens": 1}
+        logger.record(Event("CompletionsFinished", "s", "i", metadata))
+        metadata["tokens"] = 2
+        await logger.stop(2)
+
+    run(main())
+    (row,) = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    assert orjson.loads(row["metadata"]) == {"tokens": 1}
