@@ -107,6 +107,9 @@ def exchange(port: int, raw: bytes) -> tuple[bytes, float]:
 
 def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = response.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 1"):
+        # "100 (Continue)" for an Expect: 100-continue request; the real answer follows.
+        head, _, body = body.partition(b"\r\n\r\n")
     lines = head.decode("latin1").split("\r\n")
     status = int(lines[0].split(" ")[1])
     headers = {}

@@ -138,6 +138,8 @@ def full_env(workdir: "Path", fake_base: str, **extra: str) -> dict[str, str]:
         "CODY_GATEWAY_STATIC_ACTORS_FILE": str(workdir / "actors.json"),
         "CODY_GATEWAY_UPSTREAM_RETRY_BASE_DELAY_MS": "10",
         "CODY_GATEWAY_UVLOOP": "1",
+        # Hostile clients may leave requests behind; a test gateway must still stop promptly.
+        "CODY_GATEWAY_SERVER_DRAIN_TIMEOUT_S": "2",
     }
     for provider in ("ANTHROPIC", "OPENAI", "FIREWORKS", "GOOGLE"):
         env[f"CODY_GATEWAY_{provider}_API_URL"] = fake_base

@@ -315,7 +315,7 @@ def test_a_slow_reader_gets_its_stream_ended_not_buffered(gw: Any, fake_provider
     ),
 )
 def test_aborted_and_timed_out_uploads_do_not_count_as_in_flight(tmp_path: Path, fake_provider: Any) -> None:
-    gateway = start_full_gateway(tmp_path, limits_env(tmp_path, fake_provider.base_url, CODY_GATEWAY_SERVER_DRAIN_TIMEOUT_S="20"),
+    gateway = start_full_gateway(tmp_path, limits_env(tmp_path, fake_provider.base_url, CODY_GATEWAY_SERVER_DRAIN_TIMEOUT_S="3"),
                                  [unlimited_actor("limits", TOKEN)], name="drain gateway")
     try:
         head = (

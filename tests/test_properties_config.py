@@ -71,7 +71,9 @@ def test_any_environment_loads_or_names_the_bad_keys(data: st.DataObject) -> Non
         if path in SECRET_LEAVES:
             for name in env_names(path, leaf):
                 value = env.get(name, "")
-                if len(value) >= 8:
+                # A value also given to a non-secret key may rightly be quoted for that key.
+                shared = any(v == value for n, v in env.items() if n != name)
+                if len(value) >= 8 and not shared:
                     assert value not in message, f"secret {'.'.join(path)} echoed in {message!r}"
 
 
