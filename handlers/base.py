@@ -70,7 +70,19 @@ class BaseHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self.start_span()
 
+    def finish(self, chunk: Any = None) -> Any:
+        # Usage events are journaled before the response's last byte leaves, so a
+        # process killed right after a client saw its response finish has the
+        # event on disk already.
+        if not self._finished:
+            self.finalize()
+        return super().finish(chunk)
+
+    def finalize(self) -> None:
+        """Once per request, before the last byte (and again as a no-op from on_finish)."""
+
     def on_finish(self) -> None:
+        self.finalize()
         if self._counted:
             self._counted = False
             self.services.in_flight -= 1

@@ -449,10 +449,6 @@ class CompletionsHandler(BodyHandler):
 
     # -- the end -----------------------------------------------------------------
 
-    def on_finish(self) -> None:
-        self.finalize()
-        super().on_finish()
-
     def finalize(self) -> None:
         """Exactly once per request: release the limiter and record the usage event."""
         if self._finalized:

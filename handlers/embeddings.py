@@ -277,10 +277,6 @@ class EmbeddingsHandler(BodyHandler):
 
     # -- the end -----------------------------------------------------------------
 
-    def on_finish(self) -> None:
-        self.finalize()
-        super().on_finish()
-
     def finalize(self) -> None:
         """Exactly once per request: settle or refund the reservation, record the event."""
         if self._finalized:

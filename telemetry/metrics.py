@@ -54,7 +54,11 @@ REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 
 LIMITER_OUTCOMES = ("allowed", "quota", "concurrency", "tokens", "unavailable")
 COMPLETION_OUTCOMES = ("complete", "client_disconnected", "upstream_error", "error")
-EVENT_OUTCOMES = ("queued", "delivered", "retried", "spilled", "replayed", "dropped")
+# "rejected" (rows the sink refused for good, set aside) is a loss path and is alerted on.
+EVENT_OUTCOMES = (
+    "queued", "delivered", "retried", "spilled", "replayed", "dropped",
+    "rejected", "unidentified", "coerced", "journal_error",
+)
 NOTIFY_OUTCOMES = ("sent", "failed", "logged")
 
 
@@ -386,7 +390,8 @@ class GatewayMetrics:
         """Copy an EventLogger's counters and gauges (duck-typed: ``stats()``, ``healthy``)."""
         stats = logger.stats()
         for outcome in EVENT_OUTCOMES:
-            self.feed_counter(self.events, (outcome,), stats.get(outcome, 0))
+            key = "journal_errors" if outcome == "journal_error" else outcome
+            self.feed_counter(self.events, (outcome,), stats.get(key, 0))
         self.feed_counter(self.event_flush_failures, (), stats.get("flush_failures", 0))
         self.event_backlog.set(stats.get("backlog", 0))
         self.event_spill_pending.set(stats.get("pending_replay", 0))

@@ -35,7 +35,7 @@ LOAD_THREADS = 4
 # tolerate that for the requests completing at the very moment of the kill
 # (at most one per client thread); everything the gateway journaled is
 # checked strictly.  Set to False once the handler is fixed.
-RECORDED_AFTER_LAST_BYTE = True
+RECORDED_AFTER_LAST_BYTE = False
 ROUTE = "/v1/completions/anthropic-messages"
 MODEL = "claude-3-haiku-20240307"
 
