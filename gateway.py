@@ -223,11 +223,14 @@ def run_workers(config: Config) -> int:
         from telemetry.metrics import mark_worker_dead
 
         mark_worker_dead(pid)
-        if not stopping and code != 0:
-            log.error("worker %d exited with status %d; restarting it", index, code)
+        exit_code = os.waitstatus_to_exitcode(code)
+        if not stopping and exit_code != 0:
+            log.error("worker %d exited with status %d; restarting it", index, exit_code)
             time.sleep(0.5)
             spawn(index)
-        elif code != 0:
+        elif exit_code != 0 and -exit_code not in (signal.SIGTERM, signal.SIGINT):
+            # A worker stopped by the signal itself (before its loop's handler was
+            # installed) stopped as asked; anything else is a failure.
             status = 1
     return status
 
