@@ -79,13 +79,13 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("small", "non-streaming completions, 20 tokens", tokens=20),
-        Scenario("paced", "streams of 300 tokens at 30 tokens/s", stream=True, tokens=300, tokens_per_s=30,
+        Scenario("small", "non-streaming completions", tokens=20),
+        Scenario("paced", "streams at a realistic pace", stream=True, tokens=300, tokens_per_s=30,
                  connections=100, duration_s=20.0, warmup_s=2.0, ramp_s=2.0),
-        Scenario("unpaced", "streams of 300 tokens, unpaced", stream=True, tokens=300),
+        Scenario("unpaced", "streams as fast as the provider writes", stream=True, tokens=300),
         Scenario("idle", "long slow streams held open at once", stream=True, tokens=60, tokens_per_s=2,
                  connections=2000, warmup_s=0.0, ramp_s=8.0, per_connection=1),
-        Scenario("embeddings", "embeddings, 32 inputs per request", embeddings=True, batch=32),
+        Scenario("embeddings", "embeddings batches", embeddings=True, batch=32),
     )
 }  # fmt: skip
 
