@@ -17,6 +17,7 @@ import random
 import time
 from typing import Any
 
+import orjson
 from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
@@ -39,6 +40,7 @@ from limiter.base import CONCURRENCY, TOKENS, Decision, LimiterUnavailable, Limi
 from telemetry import events as ev
 from upstreams import transport as tp
 from upstreams.base import Provider, ProviderCall
+from upstreams.callbase import MAX_BODY_FOR_USAGE
 
 log = logging.getLogger("gateway.completions")
 
@@ -189,6 +191,8 @@ class CompletionsHandler(BodyHandler):
         self.chunks_relayed = 0
         self.extra_metadata: dict[str, Any] = {}
         self._error_body = bytearray()
+        self._body_buffer = bytearray()
+        self._last_chunk = b""
         self._finalized = False
         self._auto_flush = services.config.server.auto_flush_streaming
         self._max_client_buffer = services.config.server.max_client_buffer_bytes
@@ -292,6 +296,8 @@ class CompletionsHandler(BodyHandler):
                 attempt = tp.Attempt(outcome=tp.TIMEOUT)
                 break
             self._error_body = bytearray()
+            self._body_buffer = bytearray()
+            self.relaying = False
             attempt = await self.services.transport.send(
                 request,
                 timeout_s=remaining,
@@ -302,7 +308,10 @@ class CompletionsHandler(BodyHandler):
             self.services.observe.upstream_attempt(self, attempt)
             if breaker is not None and attempt.outcome != tp.CLIENT_GONE and not self.client_gone:
                 breaker.record(self.model, attempt.status if attempt.outcome == tp.OK else _breaker_code(attempt))
-            if self.relaying or self.client_gone or attempt_no >= config.retry_max_attempts:
+            # Retries only while nothing reached the client: a 2xx that broke
+            # before its first byte was sent (or a non-streamed body that broke
+            # while being read) is retried like an error status.
+            if self.first_byte_sent or self.client_gone or attempt_no >= config.retry_max_attempts:
                 break
             delay = self._retry_delay(attempt, attempt_no)
             if delay is None or time.monotonic() + delay >= deadline:
@@ -334,6 +343,15 @@ class CompletionsHandler(BodyHandler):
         if self.client_gone:
             return
         if 200 <= status < 300:
+            call = self.call
+            assert call is not None
+            content_type = (headers.get("Content-Type") or "").lower()
+            expected = "text/event-stream" if call.info.stream else "json"
+            if content_type and expected not in content_type:
+                self.abort.reject(
+                    f"upstream provider {self.provider.name} returned an unexpected content type: {content_type[:80]}"
+                )
+                return
             self.relaying = True
             self.set_status(status)
             for name, value in headers.get_all():
@@ -349,8 +367,22 @@ class CompletionsHandler(BodyHandler):
             return
         call = self.call
         assert call is not None
+        if not call.info.stream:
+            # A non-streamed answer is checked whole before any of it is sent, so a
+            # cut-off or malformed body becomes a clear error (or a retry), not a 200.
+            if len(self._body_buffer) + len(chunk) > MAX_BODY_FOR_USAGE:
+                self.abort.reject(f"upstream provider {self.provider.name} returned a response larger than the gateway accepts")
+                return
+            self._body_buffer += chunk
+            return
         call.feed(chunk)
+        if call.protocol_error is not None:
+            # Relaying bytes the provider's own format cannot explain would only
+            # confuse the client; stop and say so in-band.
+            self.abort.reject(f"upstream provider {self.provider.name} sent {call.protocol_error}")
+            return
         self.chunks_relayed += 1
+        self._last_chunk = chunk
         self.write(chunk)
         self._unflushed += len(chunk)
         if not self.first_byte_sent:
@@ -389,7 +421,7 @@ class CompletionsHandler(BodyHandler):
             call.finish()
             self.outcome = OUTCOME_CLIENT_TOO_SLOW
             log.warning("ending a %s stream: the client reads too slowly", provider)
-            self.write(call.stream_error_event("stream ended by the gateway: the client is not reading fast enough"))
+            self._write_in_band_error(call, "stream ended by the gateway: the client is not reading fast enough")
             self.finish()
             return
         if attempt.outcome == tp.CLIENT_GONE or self.client_gone:
@@ -399,17 +431,19 @@ class CompletionsHandler(BodyHandler):
             if not self._finished:
                 self.finish()
             return
+        if self.relaying and not call.info.stream and attempt.outcome == tp.OK:
+            self._send_buffered_body(call)
+            return
         if self.relaying:
             call.finish()
-            in_band = getattr(call, "in_band_error", None)
             if attempt.outcome == tp.OK:
-                self.outcome = OUTCOME_UPSTREAM_ERROR if in_band else OUTCOME_COMPLETE
+                self.outcome = OUTCOME_UPSTREAM_ERROR if call.in_band_error else OUTCOME_COMPLETE
                 self.finish()
                 return
             message = _failure_message(attempt, provider, self.services.config.upstream.stall_timeout_s)
             if self.first_byte_sent:
                 self.outcome = OUTCOME_UPSTREAM_ERROR
-                self.write(call.stream_error_event(message.message))
+                self._write_in_band_error(call, message.message)
                 self.finish()
                 return
             self.clear_relayed_headers()
@@ -417,6 +451,33 @@ class CompletionsHandler(BodyHandler):
         if attempt.outcome != tp.OK or attempt.status is None:
             raise _failure_message(attempt, provider, self.services.config.upstream.stall_timeout_s)
         self._write_upstream_error(attempt)
+
+    def _write_in_band_error(self, call: ProviderCall, message: str) -> None:
+        # The stream may have stopped mid-event: end that event first so the
+        # error is an event of its own.
+        last = self._last_chunk
+        ended = not last or last.endswith((b"\n\n", b"\r\n\r\n"))
+        separator = b"" if ended else b"\n\n"
+        self.write(separator + call.stream_error_event(message))
+
+    def _send_buffered_body(self, call: ProviderCall) -> None:
+        body = bytes(self._body_buffer)
+        self._body_buffer = bytearray()
+        try:
+            valid = isinstance(orjson.loads(body), dict)
+        except orjson.JSONDecodeError:
+            valid = False
+        if not valid:
+            call.finish()
+            self.clear_relayed_headers()
+            raise UpstreamError(f"upstream provider {self.provider.name} returned an invalid response (not a JSON object)")
+        call.feed(body)
+        call.finish()
+        self.chunks_relayed = 1
+        self.first_byte_sent = True
+        self.time_to_first_byte_s = time.monotonic() - self.started_at
+        self.outcome = OUTCOME_COMPLETE
+        self.finish(body)
 
     def clear_relayed_headers(self) -> None:
         self.relaying = False
@@ -516,6 +577,8 @@ def _breaker_code(attempt: tp.Attempt) -> int:
 
 
 def _failure_message(attempt: tp.Attempt, provider: str, stall_s: int) -> GatewayError:
+    if attempt.outcome == tp.REJECTED:
+        return UpstreamError(attempt.message)
     if attempt.outcome == tp.TIMEOUT:
         return UpstreamTimeout(f"request to upstream provider {provider} timed out")
     if attempt.outcome == tp.STALL:

@@ -101,47 +101,13 @@ CASES = {
     "endless stream": ("fake:tokens=1000000 fake:tokens_per_s=100", True),
 }
 
-# What does not hold today, by (case, route). Each is a strict xfail so that a fix shows up.
-NON_STREAM_FIX = (
-    "handlers/completions.py relays a non-streamed 2xx body as it arrives, so a body that is cut off, "
-    "not JSON or not UTF-8 reaches the client as a 200 (and a cut-off one gets an SSE error event appended "
-    "to the JSON). Fix: buffer non-streamed 2xx bodies (bounded by callbase.MAX_BODY_FOR_USAGE), check they "
-    "decode as a UTF-8 JSON object, then send them; otherwise answer 502 {\"error\": \"upstream provider X "
-    "returned an invalid response\"} with outcome upstream_error"
-)
-CONTENT_TYPE_FIX = (
-    "handlers/completions.py relays any 2xx content type. Fix: in _on_upstream_headers, a 2xx whose "
-    "Content-Type is not text/event-stream (stream requested) or application/json (otherwise) is not relayed: "
-    "abort the attempt and answer 502 'upstream provider X returned an unexpected content type'"
-)
-STREAM_EVENT_FIX = (
-    "a stream event whose data is not valid UTF-8 JSON is relayed and ignored, and the stream ends as "
-    "'complete'. Fix: the provider calls set a protocol error when an event's data starts with '{' but does "
-    "not decode (and the SSE parser's oversized count > 0); the relay then stops, sends the in-band error "
-    "event and records outcome upstream_error"
-)
-
-
-def expected_failure(case: str, route: str) -> str | None:
-    directives, stream = CASES[case]
-    if case in ("endless stream", "stream stalls", "stream cut off"):
-        return None
-    if not stream:
-        return NON_STREAM_FIX
-    if case.startswith("wrong content type"):
-        return CONTENT_TYPE_FIX
-    return STREAM_EVENT_FIX
-
-
 def params() -> list[Any]:
     out = []
     for case in CASES:
         for route in ROUTES:
             if case == "stream stalls" and route not in ("/v1/completions/anthropic-messages", "/v1/completions/google"):
                 continue  # each stall costs the stall timeout; two framings (LF and CRLF) are enough
-            reason = expected_failure(case, route)
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            out.append(pytest.param(case, route, id=f"{case}-{route.rsplit('/', 1)[-1]}", marks=marks))
+            out.append(pytest.param(case, route, id=f"{case}-{route.rsplit('/', 1)[-1]}"))
     return out
 
 
@@ -152,7 +118,6 @@ def test_hostile_upstream_ends_in_a_clear_error_and_one_event(gw: Any, case: str
     assert_clear_failure(gw, response, data, elapsed)
 
 
-@pytest.mark.xfail(strict=True, reason=STREAM_EVENT_FIX)
 @pytest.mark.parametrize("route", ["/v1/completions/anthropic-messages", "/v1/completions/openai"])
 def test_an_oversized_event_ends_the_stream(gw: Any, route: str) -> None:
     """One 11 MB event (the SSE parser holds at most 10 MB of one event)."""

@@ -18,8 +18,8 @@ import orjson
 
 from conf.model import AnthropicConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest, Usage
-from upstreams.callbase import usage_count
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest
+from upstreams.callbase import BufferedCall, usage_count
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -31,8 +31,6 @@ from upstreams.decode import (
     parse_body,
     require_object,
 )
-from upstreams.sse import SSEParser
-from upstreams.tokenizer import count_tokens
 
 PROVIDER = "anthropic"
 API_VERSION = "2023-06-01"
@@ -41,8 +39,6 @@ REQUEST_FIELDS = (
     "stream", "stop_sequences", "metadata", "system",
 )
 _ROLE_LABELS = {"user": "Human: ", "assistant": "Assistant: ", "system": "System: "}
-# Completion text kept only to count tokens when the provider reports none.
-_MAX_TEXT_FOR_TOKENIZER = 1 << 20
 
 
 def _text_blocks(content: Any, path: str) -> list[dict[str, Any]] | str:
@@ -66,72 +62,44 @@ def _joined_text(content: list[dict[str, Any]] | str) -> str:
     return "".join(block["text"] for block in content)
 
 
-class AnthropicMessagesCall:
-    def __init__(self, upstream: UpstreamRequest, info: CallInfo, flag: FlagInput, prompt_chars: int, prompt: str) -> None:
-        self.info = info
-        self._request = upstream
-        self._flag = flag
-        self._prompt = prompt
-        self._usage = Usage(prompt_chars=prompt_chars)
-        self._text: list[str] = []
-        self._text_len = 0
-        self._body = bytearray()
-        self._parser = SSEParser(self._on_event) if info.stream else None
-        self.in_band_error: str | None = None
-
-    def upstream_request(self) -> UpstreamRequest:
-        return self._request
-
-    def flag_input(self) -> FlagInput:
-        return self._flag
-
-    def feed(self, chunk: bytes) -> None:
-        if self._parser is not None:
-            self._parser.feed(chunk)
-        elif len(self._body) < _MAX_TEXT_FOR_TOKENIZER * 4:
-            self._body += chunk
-
-    def _add_text(self, text: str) -> None:
-        self._usage.completion_chars = (self._usage.completion_chars or 0) + len(text)
-        if self._text_len < _MAX_TEXT_FOR_TOKENIZER:
-            self._text.append(text)
-            self._text_len += len(text)
-
+class AnthropicMessagesCall(BufferedCall):
     def _on_event(self, name: bytes, data: bytes) -> None:
         # Only the events that carry usage or text are decoded.
         if name == b"content_block_delta":
-            try:
-                text = orjson.loads(data)["delta"].get("text")
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                return
-            if isinstance(text, str):
-                self._add_text(text)
+            event = self._json(data)
+            delta = event.get("delta") if event else None
+            if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                self._add_text(delta["text"])
         elif name == b"message_start":
-            try:
-                usage = orjson.loads(data)["message"]["usage"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                return
-            if not isinstance(usage, dict):
-                return
-            self._set_prompt_tokens(usage)
-            if self._usage.completion_tokens is None:
-                self._usage.completion_tokens = usage_count(usage.get("output_tokens"))
+            event = self._json(data)
+            message = event.get("message") if event else None
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._set_prompt_tokens(usage)
+                if self._usage.completion_tokens is None:
+                    self._usage.completion_tokens = usage_count(usage.get("output_tokens"))
         elif name == b"message_delta":
-            try:
-                usage = orjson.loads(data).get("usage") or {}
-            except (orjson.JSONDecodeError, AttributeError):
-                return
-            if not isinstance(usage, dict):
-                return
-            output_tokens = usage_count(usage.get("output_tokens"))
-            if output_tokens is not None:
-                self._usage.completion_tokens = output_tokens
-            self._set_prompt_tokens(usage)
+            event = self._json(data)
+            usage = event.get("usage") if event else None
+            if isinstance(usage, dict):
+                output_tokens = usage_count(usage.get("output_tokens"))
+                if output_tokens is not None:
+                    self._usage.completion_tokens = output_tokens
+                self._set_prompt_tokens(usage)
         elif name == b"error":
-            try:
-                self.in_band_error = str(orjson.loads(data)["error"].get("message") or "error")
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                self.in_band_error = "error"
+            event = self._json(data)
+            error = event.get("error") if event else None
+            message = error.get("message") if isinstance(error, dict) else None
+            self.in_band_error = str(message or "error")
+
+    def _on_body(self, data: dict[str, Any]) -> None:
+        for block in data.get("content") or []:
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                self._add_text(block["text"])
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self._set_prompt_tokens(usage)
+            self._usage.completion_tokens = usage_count(usage.get("output_tokens"))
 
     def _set_prompt_tokens(self, usage: Mapping[str, Any]) -> None:
         input_tokens = usage_count(usage.get("input_tokens"))
@@ -142,35 +110,6 @@ class AnthropicMessagesCall:
                 + (usage_count(usage.get("cache_read_input_tokens")) or 0)
                 + (usage_count(usage.get("cache_creation_input_tokens")) or 0)
             )
-
-    def finish(self) -> None:
-        if self._parser is not None:
-            self._parser.close()
-        elif self._body:
-            try:
-                data = orjson.loads(self._body)
-            except orjson.JSONDecodeError:
-                data = None
-            if isinstance(data, dict):
-                for block in data.get("content") or []:
-                    if isinstance(block, dict) and isinstance(block.get("text"), str):
-                        self._add_text(block["text"])
-                usage = data.get("usage")
-                if isinstance(usage, dict):
-                    self._set_prompt_tokens(usage)
-                    self._usage.completion_tokens = usage_count(usage.get("output_tokens"))
-            self._body = bytearray()
-        if self._usage.completion_tokens is None and self._text:
-            self._usage.completion_tokenizer_tokens = count_tokens("".join(self._text))
-            self._usage.completion_tokens = self._usage.completion_tokenizer_tokens
-        if self._usage.prompt_tokens is None:
-            self._usage.prompt_tokens = self._usage.prompt_tokenizer_tokens
-
-    def usage(self) -> Usage:
-        return self._usage
-
-    def set_prompt_tokenizer_tokens(self, count: int) -> None:
-        self._usage.prompt_tokenizer_tokens = count
 
     def stream_error_event(self, message: str) -> bytes:
         payload = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
@@ -255,10 +194,9 @@ class AnthropicMessagesProvider:
                 max_tokens=max_tokens,
             ),
             FlagInput(model=model, prompt=prompt, max_tokens=max_tokens or 0, uses_tokenizer=True),
-            prompt_chars,
-            prompt,
+            prompt_chars=prompt_chars,
+            prompt_text=prompt,
         )
-        call.set_prompt_tokenizer_tokens(count_tokens(prompt))
         return call
 
 

@@ -78,6 +78,10 @@ class CallInfo:
 
 class ProviderCall(Protocol):
     info: CallInfo
+    # The provider's own error event inside a 2xx stream.
+    in_band_error: str | None
+    # The provider broke its wire format (undecodable or oversized event).
+    protocol_error: str | None
 
     def upstream_request(self) -> UpstreamRequest: ...
 

@@ -55,6 +55,9 @@ class BufferedCall:
         self._finished = False
         # Set when the provider itself ended a 200 stream with an error event.
         self.in_band_error: str | None = None
+        # Set when the provider broke its own wire format (an event that is not
+        # JSON, not UTF-8, or too large): the relay stops and says so in-band.
+        self.protocol_error: str | None = None
 
     # -- ProviderCall ------------------------------------------------------------
 
@@ -67,6 +70,8 @@ class BufferedCall:
     def feed(self, chunk: bytes) -> None:
         if self._parser is not None:
             self._parser.feed(chunk)
+            if self._parser.oversized and self.protocol_error is None:
+                self.protocol_error = "an event larger than the gateway accepts"
         elif not self._body_overflow:
             if len(self._body) + len(chunk) > MAX_BODY_FOR_USAGE:
                 self._body_overflow = True
@@ -126,14 +131,19 @@ class BufferedCall:
         self._text = [kept]
         self._text_len = len(kept)
 
-    @staticmethod
-    def _json(data: bytes) -> dict[str, Any] | None:
-        """An event's JSON object, or None for ``[DONE]``, keep-alives and garbage."""
+    def _json(self, data: bytes) -> dict[str, Any] | None:
+        """An event's JSON object, or None for ``[DONE]`` and keep-alives.
+
+        Data that starts like a JSON object but does not decode (truncated, not
+        UTF-8) is a broken stream, not something to skip silently.
+        """
         if not data.startswith(b"{"):
             return None
         try:
             value = orjson.loads(data)
         except orjson.JSONDecodeError:
+            if self.protocol_error is None:
+                self.protocol_error = "an event that is not valid JSON"
             return None
         return value if isinstance(value, dict) else None
 

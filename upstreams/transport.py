@@ -31,6 +31,8 @@ TIMEOUT = "timeout"
 STALL = "stall"
 RESET = "reset"
 ERROR = "error"
+# The gateway refused what the upstream sent (wrong content type, broken wire format).
+REJECTED = "rejected"
 
 _CONNECT_ERRNOS = frozenset({pycurl.E_COULDNT_CONNECT, pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY, pycurl.E_SSL_CONNECT_ERROR})
 _RESET_ERRNOS = frozenset({pycurl.E_GOT_NOTHING, pycurl.E_RECV_ERROR, pycurl.E_PARTIAL_FILE, pycurl.E_SEND_ERROR})
@@ -54,13 +56,20 @@ class Attempt:
 
 
 class AbortFlag:
-    __slots__ = ("set_",)
+    """Set when the client left; ``reject`` aborts because of what the upstream sent."""
+
+    __slots__ = ("set_", "rejected")
 
     def __init__(self) -> None:
         self.set_ = False
+        self.rejected: str | None = None
 
     def set(self) -> None:
         self.set_ = True
+
+    def reject(self, reason: str) -> None:
+        if self.rejected is None:
+            self.rejected = reason
 
     def progress(self, *_: Any) -> int:
         """curl XFERINFOFUNCTION: non-zero aborts the transfer."""
@@ -79,7 +88,8 @@ class _Watched:
 
     def progress(self, *_: Any) -> int:
         """curl XFERINFOFUNCTION: non-zero aborts the transfer."""
-        return 1 if self.abort.set_ or self.stalled else 0
+        abort = self.abort
+        return 1 if abort.set_ or abort.rejected is not None or self.stalled else 0
 
 
 class Transport:
@@ -173,6 +183,11 @@ class Transport:
             self._live.discard(watched)
         attempt.ended_at = time.monotonic()
         dispatch_headers()
+        if abort.rejected is not None and not abort.set_:
+            # Refused by the gateway, whether or not curl finished the transfer first.
+            attempt.outcome = REJECTED
+            attempt.message = abort.rejected
+            return attempt
         if response is not None and (error is None or not isinstance(error, CurlError)):
             if attempt.status is None:
                 attempt.status = response.code
