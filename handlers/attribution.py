@@ -51,9 +51,9 @@ class AttributionHandler(BodyHandler):
         self.attribution = attribution
 
     async def prepare(self) -> None:
-        self.start_span()
-        self.check_content_length()
-        actor = await self.authenticate()
+        await super().prepare()
+        actor = self.actor
+        assert actor is not None
         if actor.source != SUBSCRIPTIONS_SOURCE:
             raise Unauthorized("only available for enterprise product subscriptions")
         self.attribution.check_enabled()

@@ -18,7 +18,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from actors.chain import TokenDeniedError
 from actors.model import Actor
 from actors.tokens import parse_bearer
-from errors import Forbidden, GatewayError, NotFound, PayloadTooLarge
+from errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge
 from handlers.services import Services
 from limiter.base import CONCURRENCY, Decision
 from telemetry import events as ev
@@ -234,6 +234,26 @@ class BodyHandler(BaseHandler):
         self._body = bytearray()
         self._body_too_large = False
         self._max_body = services.config.server.max_body_bytes
+
+    async def prepare(self) -> None:
+        # Authenticated before the body is read: a stranger's upload costs nothing.
+        self.start_span()
+        self.check_content_length()
+        await self.authenticate()
+
+    def upstream_timeout_s(self) -> float:
+        """X-Timeout-Ms (default and ceiling from the config); malformed is a 400."""
+        upstream = self.services.config.upstream
+        raw = self.request.headers.get("X-Timeout-Ms")
+        if raw is None:
+            return upstream.default_timeout_ms / 1000
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise BadRequest("invalid X-Timeout-Ms header: must be an integer number of milliseconds") from None
+        if value <= 0:
+            raise BadRequest("invalid X-Timeout-Ms header: must be positive")
+        return min(value, upstream.max_timeout_ms) / 1000
 
     def check_content_length(self) -> None:
         declared = self.request.headers.get("Content-Length")

@@ -201,11 +201,6 @@ class CompletionsHandler(BodyHandler):
         self._pending_bytes = 0
         self.client_too_slow = False
 
-    async def prepare(self) -> None:
-        self.start_span()
-        self.check_content_length()
-        await self.authenticate()
-
     # -- request ----------------------------------------------------------------
 
     def feature_from_header(self) -> str:
@@ -219,19 +214,6 @@ class CompletionsHandler(BodyHandler):
             raise BadRequest("invalid value for X-Sourcegraph-Feature")
         return feature
 
-    def timeout_s(self) -> float:
-        upstream = self.services.config.upstream
-        raw = self.request.headers.get("X-Timeout-Ms")
-        if raw is None:
-            return upstream.default_timeout_ms / 1000
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise BadRequest("invalid X-Timeout-Ms header: must be an integer number of milliseconds") from None
-        if value <= 0:
-            raise BadRequest("invalid X-Timeout-Ms header: must be positive")
-        return min(value, upstream.max_timeout_ms) / 1000
-
     async def post(self) -> None:
         actor = self.actor
         assert actor is not None
@@ -241,7 +223,7 @@ class CompletionsHandler(BodyHandler):
         if rate_limit is None:
             refresh_in_background(self.services, actor)
             raise Forbidden(f"no access to feature {feature}")
-        timeout_s = self.timeout_s()
+        timeout_s = self.upstream_timeout_s()
         anonymous_uid = self.request.headers.get("X-Sourcegraph-Actor-UID", "")
         call = self.provider.parse(
             self.body(),

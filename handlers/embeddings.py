@@ -152,25 +152,7 @@ class EmbeddingsHandler(BodyHandler):
         self.outcome = OUTCOME_ERROR
         self._finalized = False
 
-    async def prepare(self) -> None:
-        self.start_span()
-        self.check_content_length()
-        await self.authenticate()
-
     # -- request ----------------------------------------------------------------
-
-    def timeout_s(self) -> float:
-        upstream = self.services.config.upstream
-        raw = self.request.headers.get("X-Timeout-Ms")
-        if raw is None:
-            return upstream.default_timeout_ms / 1000
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise BadRequest("invalid X-Timeout-Ms header: must be an integer number of milliseconds") from None
-        if value <= 0:
-            raise BadRequest("invalid X-Timeout-Ms header: must be positive")
-        return min(value, upstream.max_timeout_ms) / 1000
 
     def parse(self, actor: Actor) -> tuple[EmbeddingsRequest, EmbeddingsClient, str]:
         """Decode and check the body; returns the request, its client and the response encoding."""
@@ -228,7 +210,7 @@ class EmbeddingsHandler(BodyHandler):
         rate_limit = actor.limit_for(EMBEDDINGS)
         if rate_limit is None:
             raise Forbidden(f"no access to feature {EMBEDDINGS}")
-        timeout_s = self.timeout_s()
+        timeout_s = self.upstream_timeout_s()
         request, client, encoding = self.parse(actor)
         estimate = await self.estimate(client, request)
         if estimate > rate_limit.limit:

@@ -27,7 +27,13 @@ from handlers.diagnostics import DiagnosticsHandler
 from telemetry import events as ev
 from upstreams import flagging
 from upstreams.base import ProviderCall
-from upstreams.prompt_store import MemoryPromptStore, PromptStore, RedisPromptStore, prompt_key, split_key
+from upstreams.prompt_store import (
+    MemoryPromptStore,
+    PromptStore,
+    RedisPromptStore,
+    prompt_key,
+    split_key,
+)
 from upstreams.tokenizer import count_tokens
 
 log = logging.getLogger("gateway.flagging")

@@ -9,8 +9,8 @@ from actors.chain import SourceChain
 from conf.model import Config
 from limiter.base import Limiter
 from telemetry.events import EventRecorder
-from telemetry.tracing import Tracing
 from telemetry.observer import NULL_OBSERVER, Observer
+from telemetry.tracing import Tracing
 from upstreams.transport import Transport
 
 VERSION = "0.1.0"
