@@ -101,8 +101,10 @@ async def serve(
     app = make_app(services, extra_routes)
     server = HTTPServer(
         app,
-        max_body_size=config.server.max_body_bytes + 1,
-        max_buffer_size=config.server.max_body_bytes + 1,
+        # Well above the cap, so that BodyHandler (a JSON 413), not Tornado (a bare
+        # 400), sees an upload that goes over it.
+        max_body_size=2 * config.server.max_body_bytes + 65536,
+        max_buffer_size=2 * config.server.max_body_bytes + 65536,
         idle_connection_timeout=config.server.idle_connection_timeout_s,
         body_timeout=config.server.body_timeout_s,
         max_header_size=config.server.max_header_bytes,

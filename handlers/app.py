@@ -16,6 +16,7 @@ from handlers.diagnostics import (
 from handlers.embeddings import embedding_routes
 from handlers.limits import LimitsHandler, LimitsRefreshHandler
 from handlers.metrics import MetricsHandler
+from handlers.openapi import openapi_route
 from handlers.services import Services
 from upstreams.registry import completion_routes
 
@@ -27,6 +28,7 @@ def make_app(services: Services, extra_routes: list[Route] | None = None) -> tor
         (r"/-/__version", VersionHandler, {}),
         (r"/-/healthz", HealthHandler, {}),
         (r"/metrics", MetricsHandler, {}),
+        openapi_route(),
         (r"/v1/limits", LimitsHandler, {}),
         (r"/v1/limits/refresh", LimitsRefreshHandler, {}),
     ]

@@ -266,8 +266,22 @@ class BodyHandler(BaseHandler):
         if len(self._body) + len(chunk) > self._max_body:
             self._body_too_large = True
             self._body = bytearray()
+            if not self._finished:
+                # A chunked upload has no Content-Length to refuse up front: answer as
+                # soon as the cap is passed; Tornado then drops the rest of the body.
+                error = PayloadTooLarge(f"request body too large (at most {self._max_body} bytes)")
+                self.send_error(error.status, exc_info=(PayloadTooLarge, error, None))
             return
         self._body += chunk
+
+    def on_connection_close(self) -> None:
+        body_pending = not self.request._body_future.done()
+        super().on_connection_close()
+        if body_pending and not self._finished:
+            # Tornado never resumes a handler whose upload was cut off (client gone
+            # or body timeout), so its end-of-request bookkeeping runs here.
+            self.set_status(408)
+            self.on_finish()
 
     def body(self) -> bytes:
         if self._body_too_large:

@@ -336,8 +336,9 @@ class CompletionsHandler(BodyHandler):
                 return
             self.relaying = True
             self.set_status(status)
+            dropped = NOT_RELAYED | connection_named(headers)
             for name, value in headers.get_all():
-                if name.lower() not in NOT_RELAYED:
+                if name.lower() not in dropped:
                     self.add_header(name, value) if name.lower() in ("vary", "link") else self.set_header(name, value)
 
     def _on_upstream_chunk(self, chunk: bytes) -> None:
@@ -475,8 +476,9 @@ class CompletionsHandler(BodyHandler):
             log.error("upstream %s returned 429, rewriting to 503", self.provider.name)
             resolved = 503
         self.set_status(resolved)
+        dropped = NOT_RELAYED | connection_named(headers) | {"retry-after"}
         for name, value in headers.get_all():
-            if name.lower() not in NOT_RELAYED and name.lower() != "retry-after":
+            if name.lower() not in dropped:
                 self.set_header(name, value)
         if resolved == 503:
             self.set_header("Retry-After", headers.get("Retry-After") or str(self.provider.default_retry_after_s))
@@ -532,6 +534,14 @@ class CompletionsHandler(BodyHandler):
         hook = self.services.extras.get("on_completion_finished")
         if hook is not None:
             hook(self, usage)
+
+
+def connection_named(headers: HTTPHeaders) -> frozenset[str]:
+    """Headers the upstream declares hop-by-hop in its Connection header (RFC 9110 7.6.1)."""
+    values = headers.get_list("Connection")
+    if not values:
+        return frozenset()
+    return frozenset(name.strip().lower() for value in values for name in value.split(",") if name.strip())
 
 
 def _ignore_stream_closed(future: Any) -> None:

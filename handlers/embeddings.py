@@ -190,6 +190,8 @@ class EmbeddingsHandler(BodyHandler):
         client = self.embeddings.clients.get(model.provider)
         if client is None:
             raise BadRequest(f'model "{model_name}" is not available: its provider is not configured on this gateway')
+        if dimensions is not None and dimensions > model.dimensions:
+            raise BadRequest(f'dimensions {dimensions} is larger than model "{model_name}" has ({model.dimensions})')
         self.model = model.name
         request = EmbeddingsRequest(model=model, inputs=inputs, is_query=is_query, user=actor.id, dimensions=dimensions)
         # From here on the request is one the reference would have sent to its

@@ -140,6 +140,9 @@ def configure_logging(level: str) -> None:
     logging.logMultiprocessing = False
     # Tornado's own access log duplicates ours.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    # At debug level curl's client logs request headers and URLs (an upstream
+    # key, Google's ?key=): never let it.
+    logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
 
 
 def add_secrets_to_log_scrubbing(secrets: Iterable[str]) -> Scrubber:

@@ -13,6 +13,7 @@ import functools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -67,60 +68,10 @@ def fuzz_summary(request: pytest.FixtureRequest) -> Iterator[CaseCounter]:
     yield CASES
 
 
-# -- a gateway with every route, whatever has been wired into gateway.py so far -----------
-
-LAUNCHER = '''
-import sys
-sys.path.insert(0, {repo!r})
-import handlers.app
-import wiring
-
-_make_app = handlers.app.make_app
-_attach_extras = wiring.attach_extras
+# -- a gateway with every route -----------------------------------------------------------
 
 
-def make_app(services, extra_routes=None):
-    app = _make_app(services, extra_routes)
-    # GET /openapi.json, until handlers/app.py registers it.
-    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
-    probe = HTTPServerRequest(start_line=RequestStartLine("GET", "/openapi.json", "HTTP/1.1"), headers=HTTPHeaders({{"Host": "gw"}}))
-    if app.find_handler(probe).handler_class.__name__ == "NotFoundHandler":
-        from handlers.openapi import openapi_route
-        pattern, handler, kwargs = openapi_route()
-        app.wildcard_router.add_rules([(pattern, handler, dict(services=services, **kwargs))])
-    return app
-
-
-async def attach_extras(services, **kwargs):
-    routes = await _attach_extras(services, **kwargs)
-    extras = services.extras
-    paths = {{route[0] for route in routes}}
-    if "screen_request" not in extras:
-        from handlers.flagged_prompts import flagged_prompt_routes, make_screen_request
-        screen = make_screen_request(services.config, None)
-        extras["screen_request"] = screen
-        routes = [*routes, *flagged_prompt_routes(screen.store)]
-    if "circuit_breaker" not in extras:
-        from upstreams.circuit import CircuitBreaker
-        extras["circuit_breaker"] = CircuitBreaker(services.config.upstream)
-    if "metrics" not in extras:
-        from telemetry.observability import install_observability
-        install_observability(services, http_client=kwargs.get("http_client"))
-    if "/metrics" not in paths:
-        from handlers.metrics import MetricsHandler
-        routes = [*routes, (r"/metrics", MetricsHandler, {{}})]
-    return routes
-
-
-handlers.app.make_app = make_app
-wiring.attach_extras = attach_extras
-import gateway
-
-sys.exit(gateway.main(sys.argv[1:]))
-'''
-
-
-def full_env(workdir: "Path", fake_base: str, **extra: str) -> dict[str, str]:
+def full_env(workdir: Path, fake_base: str, **extra: str) -> dict[str, str]:
     """Every provider on the fake, events in ``workdir``, the test secrets."""
     from tests.conftest import ANTHROPIC_KEY, DIAGNOSTICS_SECRET
 
@@ -147,27 +98,12 @@ def full_env(workdir: "Path", fake_base: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_full_gateway(workdir: "Path", env: dict[str, str], actors: list[dict[str, Any]], name: str = "gateway") -> Any:
-    """``gateway.py`` with /openapi.json, /metrics, flagging and the circuit breaker attached."""
-    import sys
-    from pathlib import Path
-
-    from tests.support.processes import LISTENING, REPO, GatewayProcess, ManagedProcess, write_actors
-
-    class FullGateway(GatewayProcess):
-        def __init__(self) -> None:
-            self.workdir = workdir
-            self.events_path = Path(env["CODY_GATEWAY_EVENTS_FILE"])
-            self.env = dict(env)
-            launcher = workdir / "full_gateway.py"
-            launcher.write_text(LAUNCHER.format(repo=str(REPO)))
-            self.process = ManagedProcess([sys.executable, str(launcher), "--port", "0"], env=self.env, cwd=workdir, name=name)
-            match = self.process.wait_for(LISTENING, timeout=30)
-            self.base_url = match.group(1)
-            self.port = int(match.group(2))
+def start_full_gateway(workdir: Path, env: dict[str, str], actors: list[dict[str, Any]], name: str = "gateway") -> Any:
+    """``gateway.py`` with ``actors`` in its static file."""
+    from tests.support.processes import GatewayProcess, write_actors
 
     write_actors(Path(env["CODY_GATEWAY_STATIC_ACTORS_FILE"]), actors)
-    return FullGateway()
+    return GatewayProcess(workdir, env, name=name)
 
 
 def unlimited_actor(actor_id: str, token: str) -> dict[str, Any]:

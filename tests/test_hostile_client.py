@@ -116,16 +116,6 @@ def test_body_over_the_cap_is_413_declared_or_chunked(gw: Any) -> None:
     assert httpx.post(url, content=ok, headers=AUTH, timeout=10).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a chunked body over server.max_body_bytes gets Tornado's bare 400 (not JSON): gateway.py sets "
-        "HTTPServer(max_body_size=max_body_bytes + 1), so Tornado's chunked-size check fires before "
-        "BodyHandler.data_received sees the excess. Fix: BodyHandler answers 413 as soon as the cap is "
-        "passed (send_error; Tornado then closes the connection) and HTTPServer's max_body_size is set "
-        "well above the cap (e.g. 2x) so the handler, not Tornado, sees the overflow"
-    ),
-)
 def test_chunked_body_over_the_cap_is_a_json_413(gw: Any) -> None:
     big = json.dumps(messages_body(text="x" * (MAX_BODY + 10))).encode()
     response = httpx.post(gw.base_url + ANTHROPIC, content=iter([big[:40000], big[40000:]]), headers=AUTH, timeout=10)
@@ -304,16 +294,6 @@ def test_a_slow_reader_gets_its_stream_ended_not_buffered(gw: Any, fake_provider
 # -- aborted uploads must not leak in-flight requests --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "handlers/base.py: when the connection closes while a streamed body is being read "
-        "(body timeout or client abort), Tornado's _execute returns without finish(), so "
-        "on_finish never runs: services.in_flight leaks (SIGTERM then waits drain_timeout_s) "
-        "and the span never ends. Fix: BodyHandler.on_connection_close runs the on_finish "
-        "bookkeeping when the body future was still pending"
-    ),
-)
 def test_aborted_and_timed_out_uploads_do_not_count_as_in_flight(tmp_path: Path, fake_provider: Any) -> None:
     gateway = start_full_gateway(tmp_path, limits_env(tmp_path, fake_provider.base_url, CODY_GATEWAY_SERVER_DRAIN_TIMEOUT_S="3"),
                                  [unlimited_actor("limits", TOKEN)], name="drain gateway")
@@ -335,14 +315,6 @@ def test_aborted_and_timed_out_uploads_do_not_count_as_in_flight(tmp_path: Path,
     assert line.group(1) == "0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "handlers/embeddings.py forwards any positive 'dimensions' (the fuzzer's dimensions=10**8 made "
-        "the fake build a 400 MB vector); OpenAI allows at most the model's own size. Fix: in "
-        "EmbeddingsHandler.parse, reject dimensions > model.dimensions with a 400"
-    ),
-)
 def test_embeddings_dimensions_above_the_models_size_are_400(gw: Any) -> None:
     body = {"model": "text-embedding-3-small", "input": "hi", "dimensions": 5000}
     response = httpx.post(gw.base_url + "/openai/v1/embeddings", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)

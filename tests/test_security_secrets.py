@@ -274,15 +274,6 @@ class CookieUpstream:
         self.thread.join(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "handlers/completions.py strips the fixed hop-by-hop list but not headers the upstream names in its "
-        "Connection header (RFC 9110 7.6.1), so X-Upstream-Private reaches the client. Fix: in "
-        "_on_upstream_headers and _write_upstream_error, also skip every name listed in the upstream's "
-        "Connection header"
-    ),
-)
 def test_upstream_cookies_and_hop_by_hop_headers_are_not_relayed(tmp_path: Path, private_fake: Any) -> None:
     upstream = CookieUpstream()
     env = full_env(tmp_path, private_fake.base_url, CODY_GATEWAY_ANTHROPIC_API_URL=upstream.url, CODY_GATEWAY_UPSTREAM_RETRY_MAX_ATTEMPTS="1")
