@@ -47,60 +47,15 @@ async def serve(
     config: Config, *, demo_token: str | None = None, sockets: list[socket.socket] | None = None, worker: int | None = None
 ) -> None:
     """Build everything once, serve until SIGTERM/SIGINT, then drain and stop."""
-    from tornado.httpclient import AsyncHTTPClient
     from tornado.httpserver import HTTPServer
     from tornado.ioloop import PeriodicCallback
 
-    from handlers.app import make_app
-    from handlers.services import Services
-    from telemetry.tracing import Tracing
-    from upstreams.tokenizer import warm_up
-    from upstreams.transport import Transport
-    from actors.remote_setup import build_remote_actors, build_sync_worker
-    from handlers.actor_sync import SyncAllSourcesHandler
-    from handlers.attribution import attribution_routes
-    from wiring import attach_extras, build_actor_chain, build_event_logger, build_limiter, connect_actor_redis
+    from wiring import build_gateway
 
-    AsyncHTTPClient.configure(
-        "tornado.curl_httpclient.CurlAsyncHTTPClient",
-        max_clients=config.upstream.max_clients,
-        max_body_size=1 << 40,
-    )
-    http_client = AsyncHTTPClient()
-    warm_up()
-
-    from telemetry.observability import build_metrics, install_observability
-
-    metrics = build_metrics(config, _version())
-    limiter = await build_limiter(config, observe_redis=metrics.redis_call)
-    events = build_event_logger(config)
-    events.start()
-    cache_redis, lock_redis = connect_actor_redis(config)
-    remote = build_remote_actors(
-        config, http_client=http_client, cache_redis=cache_redis, reset_usage=limiter.reset, version=_version()
-    )
-    chain, static_source = build_actor_chain(config, limiter=limiter, http_client=http_client, remote=remote)
-    tracing = Tracing(config.telemetry, version=_version())
-    services = Services(
-        config=config,
-        actors=chain,
-        limiter=limiter,
-        events=events,
-        transport=Transport(http_client, config.upstream),
-        tracing=tracing,
-        version=_version(),
-    )
-    extra_routes = await attach_extras(services, http_client=http_client, redis_client=lock_redis)
-    install_observability(services, metrics=metrics, http_client=http_client, redis=lock_redis)
-    extra_routes += attribution_routes(remote.attribution)
-    extra_routes.append((r"/-/actor/sync-all-sources", SyncAllSourcesHandler, {}))
-    sync_worker = None
-    if remote.sources:
-        sync_worker = build_sync_worker(chain.sync_all, lock_redis, config)
-        sync_worker.start()
-    app = make_app(services, extra_routes)
+    gateway = await build_gateway(config, version=_version())
+    services = gateway.services
     server = HTTPServer(
-        app,
+        gateway.app,
         # Well above the cap, so that BodyHandler (a JSON 413), not Tornado (a bare
         # 400), sees an upload that goes over it.
         max_body_size=2 * config.server.max_body_bytes + 65536,
@@ -125,6 +80,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    static_source = gateway.static_source
     if static_source is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(static_source.reload(force=True)))
         watcher = PeriodicCallback(lambda: asyncio.ensure_future(static_source.reload(force=False)), 1000)
@@ -140,19 +96,7 @@ async def serve(
     if services.in_flight:
         log.warning("drain timeout: %d requests still in flight are cut off", services.in_flight)
     await server.close_all_connections()
-    if sync_worker is not None:
-        await sync_worker.stop()
-    for client in {id(c): c for c in (cache_redis, lock_redis) if c is not None}.values():
-        await client.aclose()
-    shutdown_hooks = services.extras.get("shutdown_hooks", [])
-    for hook in shutdown_hooks:
-        try:
-            await hook()
-        except Exception:
-            log.exception("shutdown hook failed")
-    await events.stop(timeout_s=max(1.0, deadline - loop.time() + 5))
-    await limiter.close()
-    tracing.shutdown()
+    await gateway.close(events_timeout_s=max(1.0, deadline - loop.time() + 5))
     log.info("stopped")
 
 

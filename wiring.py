@@ -7,9 +7,11 @@ each part's construction is in one readable place.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 
 from actors.anonymous import AnonymousSource
@@ -136,3 +138,106 @@ async def attach_extras(services: Services, *, http_client: AsyncHTTPClient, red
     services.extras["circuit_breaker"] = breaker
     probes["circuits"] = breaker.health_probe
     return routes
+
+
+@dataclass
+class Gateway:
+    """Everything one gateway process runs, built once; ``close`` undoes it in order."""
+
+    services: Services
+    app: tornado.web.Application
+    http_client: AsyncHTTPClient
+    static_source: StaticSource | None
+    sync_worker: Any | None
+    redis_clients: list[Any]
+    observability: Any
+
+    async def close(self, *, events_timeout_s: float = 10.0) -> None:
+        services = self.services
+        if self.sync_worker is not None:
+            await self.sync_worker.stop()
+        for hook in services.extras.get("shutdown_hooks", []):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        events = services.events
+        if isinstance(events, EventLogger):
+            await events.stop(timeout_s=events_timeout_s)
+        await services.limiter.close()
+        for client in self.redis_clients:
+            await client.aclose()
+        services.tracing.shutdown()
+
+
+async def build_gateway(
+    config: Config,
+    *,
+    version: str,
+    span_processors: list[Any] | None = None,
+    notify_redis: Any | None = None,
+    extra_routes: list[Any] | None = None,
+) -> Gateway:
+    """Build the gateway's parts from the config, on the running loop.
+
+    ``span_processors``, ``notify_redis`` and ``extra_routes`` let in-process
+    tests watch spans, send quota notifications through a Redis of their own
+    and add routes of their own.
+    """
+    from actors.remote_setup import build_remote_actors, build_sync_worker
+    from handlers.actor_sync import SyncAllSourcesHandler
+    from handlers.app import make_app
+    from handlers.attribution import attribution_routes
+    from telemetry.observability import build_metrics, install_observability
+    from telemetry.tracing import Tracing
+    from upstreams.tokenizer import warm_up
+    from upstreams.transport import Transport
+
+    AsyncHTTPClient.configure(
+        "tornado.curl_httpclient.CurlAsyncHTTPClient",
+        max_clients=config.upstream.max_clients,
+        max_body_size=1 << 40,
+    )
+    http_client = AsyncHTTPClient()
+    warm_up()
+
+    metrics = build_metrics(config, version)
+    limiter = await build_limiter(config, observe_redis=metrics.redis_call)
+    events = build_event_logger(config)
+    events.start()
+    cache_redis, lock_redis = connect_actor_redis(config)
+    remote = build_remote_actors(
+        config, http_client=http_client, cache_redis=cache_redis, reset_usage=limiter.reset, version=version
+    )
+    chain, static_source = build_actor_chain(config, limiter=limiter, http_client=http_client, remote=remote)
+    tracing = Tracing(config.telemetry, version=version, extra_processors=span_processors)
+    services = Services(
+        config=config,
+        actors=chain,
+        limiter=limiter,
+        events=events,
+        transport=Transport(http_client, config.upstream),
+        tracing=tracing,
+        version=version,
+    )
+    routes = list(extra_routes or [])
+    routes += await attach_extras(services, http_client=http_client, redis_client=lock_redis)
+    observability = install_observability(
+        services, metrics=metrics, http_client=http_client, redis=notify_redis or lock_redis
+    )
+    routes += attribution_routes(remote.attribution)
+    routes.append((r"/-/actor/sync-all-sources", SyncAllSourcesHandler, {}))
+    sync_worker = None
+    if remote.sources:
+        sync_worker = build_sync_worker(chain.sync_all, lock_redis, config)
+        sync_worker.start()
+    redis_clients = list({id(c): c for c in (cache_redis, lock_redis) if c is not None}.values())
+    return Gateway(
+        services=services,
+        app=make_app(services, routes),
+        http_client=http_client,
+        static_source=static_source,
+        sync_worker=sync_worker,
+        redis_clients=redis_clients,
+        observability=observability,
+    )

@@ -1,9 +1,8 @@
 """The gateway served in-process, on its own event loop thread, for observability tests.
 
-Built from the same parts as ``gateway.serve`` (wiring's builders, the real
-Application and HTTPServer on 127.0.0.1) plus ``install_observability`` and
-the /metrics route, so tests can hand the tracer an in-memory span exporter
-and read the metrics registry. Requests go over real HTTP.
+Built by ``wiring.build_gateway``, exactly as ``gateway.serve`` builds it,
+with an HTTPServer on 127.0.0.1, so tests can hand the tracer an in-memory
+span exporter and read the metrics registry. Requests go over real HTTP.
 """
 
 from __future__ import annotations
@@ -70,65 +69,42 @@ class InProcessGateway:
         from tornado.httpserver import HTTPServer
         from tornado.netutil import bind_sockets
 
-        from handlers.app import make_app
-        from handlers.metrics import MetricsHandler
-        from handlers.services import Services
-        from telemetry.observability import install_observability
-        from telemetry.tracing import Tracing
-        from upstreams.transport import Transport
-        from wiring import attach_extras, build_actor_chain, build_event_logger, build_limiter
+        from wiring import build_gateway
 
-        config = self.config
         # Global to the test process: put back at teardown for the tests that follow.
         self._saved_client_config = AsyncHTTPClient._save_configuration()
-        AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient", max_clients=config.upstream.max_clients)
-        self.http_client = AsyncHTTPClient()
-        self.limiter = await build_limiter(config)
-        self.events = build_event_logger(config)
-        self.events.start()
-        chain, _ = build_actor_chain(config, limiter=self.limiter, http_client=self.http_client)
-        self.tracing = Tracing(config.telemetry, version="test", extra_processors=self._span_processors)
-        self.services = Services(
-            config=config,
-            actors=chain,
-            limiter=self.limiter,
-            events=self.events,
-            transport=Transport(self.http_client, config.upstream),
-            tracing=self.tracing,
-            version="test",
-        )
-        routes = await attach_extras(self.services, http_client=self.http_client)
-        # As gateway.serve attaches it (until attach_extras does).
-        from upstreams.circuit import CircuitBreaker
-
-        self.services.extras.setdefault("circuit_breaker", CircuitBreaker(config.upstream))
         self.notify_redis = None
         if self._notify_redis_url:
             import redis.asyncio as aioredis
 
             self.notify_redis = aioredis.from_url(self._notify_redis_url)
-        self.observability = install_observability(
-            self.services, http_client=self.http_client, redis=self.notify_redis
+        self.gateway = await build_gateway(
+            self.config,
+            version="test",
+            span_processors=self._span_processors,
+            notify_redis=self.notify_redis,
+            extra_routes=self._extra_routes,
         )
-        routes = [*self._extra_routes, (r"/metrics", MetricsHandler, {}), *routes]
-        self.server = HTTPServer(make_app(self.services, routes), decompress_request=False)
+        self.services = self.gateway.services
+        self.http_client = self.gateway.http_client
+        self.tracing = self.services.tracing
+        self.events = self.services.events
+        self.limiter = self.services.limiter
+        self.observability = self.gateway.observability
+        self.server = HTTPServer(self.gateway.app, decompress_request=False)
         sockets = bind_sockets(0, "127.0.0.1")
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     async def _teardown(self) -> None:
-        self.server.stop()
-        await self.server.close_all_connections()
-        for hook in self.services.extras.get("shutdown_hooks", []):
-            await hook()
-        await self.events.stop(timeout_s=5)
-        await self.limiter.close()
-        if self.notify_redis is not None:
-            await self.notify_redis.aclose()
-        self.tracing.shutdown()
         from tornado.httpclient import AsyncHTTPClient
 
+        self.server.stop()
+        await self.server.close_all_connections()
+        await self.gateway.close(events_timeout_s=5)
+        if self.notify_redis is not None:
+            await self.notify_redis.aclose()
         self.http_client.close()
         AsyncHTTPClient._restore_configuration(self._saved_client_config)
 
