@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from actors.base import NotFromSource
 from actors.limits import DAY_S, percentage_concurrency
-from actors.model import CHAT_COMPLETIONS, CODE_COMPLETIONS, EMBEDDINGS, Actor, RateLimit
+from actors.model import (
+    CHAT_COMPLETIONS,
+    CODE_COMPLETIONS,
+    EMBEDDINGS,
+    Actor,
+    RateLimit,
+)
 
 
 class AnonymousSource:

@@ -67,7 +67,9 @@ class UpdatableSource(Protocol):
 
     name: str
 
-    async def update(self, actor: Actor) -> Actor: ...
+    async def update(self, actor: Actor, token: str) -> Actor:
+        """``token`` is the caller's own (only its digest is ever stored)."""
+        ...
 
 
 @runtime_checkable

@@ -117,12 +117,12 @@ class SourceChain:
         reason = "no source found for token" if token else "no token provided"
         raise Unauthorized(f"token not from source: {reason}")
 
-    async def refresh(self, actor: Actor) -> Actor:
+    async def refresh(self, actor: Actor, token: str) -> Actor:
         """Re-fetch an actor from its own source (POST /v1/limits/refresh)."""
         source = self._by_name.get(actor.source)
         if not isinstance(source, UpdatableSource):
             return actor
-        updated = await source.update(actor)
+        updated = await source.update(actor, token)
         self.invalidate(actor_id=actor.id)
         return updated
 

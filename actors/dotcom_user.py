@@ -16,10 +16,21 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from actors.base import ActorRecentlyUpdated, InvalidTokenFormat, NotFromSource, SourceUnavailable, TokenDenied
+from actors.base import (
+    ActorRecentlyUpdated,
+    InvalidTokenFormat,
+    NotFromSource,
+    SourceUnavailable,
+    TokenDenied,
+)
 from actors.graphql import GraphQLClient, GraphQLError, GraphQLResponseError
 from actors.model import FEATURES, Actor, RateLimit
-from actors.redis_cache import DOTCOM_USERS_NAMESPACE, ActorCache, make_actor_cache
+from actors.redis_cache import (
+    DOTCOM_USERS_NAMESPACE,
+    ActorCache,
+    make_actor_cache,
+    token_key,
+)
 from actors.remote import (
     ACCESS_FIELDS,
     GRAPHQL_LIMIT_FIELDS,
@@ -35,7 +46,7 @@ from actors.remote import (
     graphql_rate_limit,
     reset_features,
 )
-from actors.tokens import DOTCOM_USER_PREFIX, TOKEN_LENGTH
+from actors.tokens import DOTCOM_USER_PREFIX, TOKEN_LENGTH, token_sha256
 from conf.model import ActorsConfig
 
 log = logging.getLogger("gateway.actors.dotcom_user")
@@ -112,7 +123,7 @@ def build_user_actor(
         access_enabled=bool(user_id) and bool(access.get("enabled")),
         rate_limits=rate_limits,
         last_updated=now,
-        key=token,
+        key=token_sha256(token),
     )
 
 
@@ -146,7 +157,7 @@ class DotcomUserSource:
             raise NotFromSource("unknown token prefix")
         if len(token) != TOKEN_LENGTH:
             raise InvalidTokenFormat()
-        cached = await self._read(token)
+        cached = await self._read(token_key(token))
         if cached is not None and not self._is_stale(cached):
             return await self._answer_from_cache(cached)
         if cached is not None and self._graphql.failed_within(OUTAGE_SKIP_S):
@@ -161,13 +172,12 @@ class DotcomUserSource:
         self._stale_log.clear()
         return actor
 
-    async def update(self, actor: Actor) -> Actor:
+    async def update(self, actor: Actor, token: str) -> Actor:
         """Re-fetch now unless the actor was refreshed within the cooldown (any process)."""
-        token = actor.key
         if not token.startswith(DOTCOM_USER_PREFIX) or len(token) != TOKEN_LENGTH:
             return actor
         last = actor.last_updated
-        latest = await self._read(token)
+        latest = await self._read(token_key(token))
         if latest is not None and latest.last_updated is not None and (last is None or latest.last_updated > last):
             last = latest.last_updated
         now = self._clock()
@@ -233,7 +243,7 @@ class DotcomUserSource:
             self._reset_usage, actor.id, changed_features(old, actor, reset_without_old=True)
         )
         encoded = encode_actor(actor)
-        entries = {token: encoded}
+        entries = {token_key(token): encoded}
         if actor.id:
             entries[actor.id] = encoded
         await self._cache.set_many(entries)
@@ -245,4 +255,4 @@ class DotcomUserSource:
             token, None, now=self._clock(), percentage=self._config.concurrency_limit_percentage,
             concurrency_interval_s=self._config.concurrency_limit_interval,
         )
-        await self._cache.set(token, encode_actor(empty), ttl_s=NEGATIVE_TTL_S)
+        await self._cache.set(token_key(token), encode_actor(empty), ttl_s=NEGATIVE_TTL_S)

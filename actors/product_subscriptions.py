@@ -15,10 +15,22 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from actors.base import ActorRecentlyUpdated, InvalidTokenFormat, NotFromSource, SourceUnavailable, TokenDenied
+from actors.base import (
+    ActorRecentlyUpdated,
+    InvalidTokenFormat,
+    NotFromSource,
+    SourceUnavailable,
+    TokenDenied,
+)
 from actors.graphql import GraphQLClient, GraphQLError, GraphQLResponseError
 from actors.model import Actor, RateLimit
-from actors.redis_cache import SUBSCRIPTIONS_NAMESPACE, ActorCache, make_actor_cache
+from actors.redis_cache import (
+    SUBSCRIPTIONS_NAMESPACE,
+    ActorCache,
+    is_token_key,
+    make_actor_cache,
+    token_key,
+)
 from actors.remote import (
     ACCESS_FIELDS,
     GRAPHQL_LIMIT_FIELDS,
@@ -34,7 +46,13 @@ from actors.remote import (
     graphql_rate_limit,
     reset_features,
 )
-from actors.tokens import SUBSCRIPTION_PREFIX, TOKEN_LENGTH, check_token_format, normalise_subscription_token
+from actors.tokens import (
+    SUBSCRIPTION_PREFIX,
+    TOKEN_LENGTH,
+    check_token_format,
+    normalise_subscription_token,
+    token_sha256,
+)
 from conf.model import ActorsConfig
 
 log = logging.getLogger("gateway.actors.product_subscriptions")
@@ -111,7 +129,7 @@ def build_subscription_actor(
         endpoint_access={ATTRIBUTION_PATH: bool(uuid) and not archived},
         rate_limits=rate_limits,
         last_updated=now,
-        key=token,
+        key=token_sha256(token),
     )
 
 
@@ -149,7 +167,7 @@ class ProductSubscriptionSource:
             raise NotFromSource("unknown token prefix")
         if len(token) != TOKEN_LENGTH:
             raise InvalidTokenFormat()
-        cached = await self._read(token)
+        cached = await self._read(token_key(token))
         if cached is not None and not self._is_stale(cached):
             return self._answer_from_cache(cached)
         if cached is not None and self._graphql.failed_within(OUTAGE_SKIP_S):
@@ -164,12 +182,12 @@ class ProductSubscriptionSource:
         self._stale_log.clear()
         return actor
 
-    async def update(self, actor: Actor) -> Actor:
-        token = normalise_subscription_token(actor.key)
+    async def update(self, actor: Actor, token: str) -> Actor:
+        token = normalise_subscription_token(token)
         if not token.startswith(SUBSCRIPTION_PREFIX) or len(token) != TOKEN_LENGTH:
             return actor
         last = actor.last_updated
-        latest = await self._read(token)
+        latest = await self._read(token_key(token))
         if latest is not None and latest.last_updated is not None and (last is None or latest.last_updated > last):
             last = latest.last_updated
         now = self._clock()
@@ -206,8 +224,8 @@ class ProductSubscriptionSource:
         if malformed:
             log.warning("sync skipped %d malformed subscription tokens", malformed)
         await self._reset_changed(fresh)
-        await self._cache.set_many({token: encode_actor(actor) for token, actor in fresh.items()})
-        self.last_sync_pruned = await self._prune(set(fresh))
+        await self._cache.set_many({token_key(token): encode_actor(actor) for token, actor in fresh.items()})
+        self.last_sync_pruned = await self._prune({token_key(token) for token in fresh})
         log.info("synced %d subscription tokens, pruned %d", len(fresh), self.last_sync_pruned)
         return len(fresh)
 
@@ -260,18 +278,18 @@ class ProductSubscriptionSource:
             await self._cache_negative(token)
             raise TokenDenied(DENIED_REASON)
         await reset_features(self._reset_usage, actor.id, changed_features(old, actor, reset_without_old=False))
-        await self._cache.set(token, encode_actor(actor))
+        await self._cache.set(token_key(token), encode_actor(actor))
         return actor
 
     async def _cache_negative(self, token: str) -> None:
-        await self._cache.set(token, encode_actor(self._build(token, None, self._clock())), ttl_s=NEGATIVE_TTL_S)
+        await self._cache.set(token_key(token), encode_actor(self._build(token, None, self._clock())), ttl_s=NEGATIVE_TTL_S)
 
     async def _reset_changed(self, fresh: Mapping[str, Actor]) -> None:
         """Forget usage of subscriptions whose limits changed since their tokens were cached."""
         if self._reset_usage is None or not fresh:
             return
         tokens = list(fresh)
-        previous = await self._cache.get_many(tokens)
+        previous = await self._cache.get_many([token_key(token) for token in tokens])
         done: set[tuple[str, str]] = set()
         for token, raw in zip(tokens, previous):
             if raw is None:
@@ -288,7 +306,7 @@ class ProductSubscriptionSource:
             await reset_features(self._reset_usage, actor.id, features)
 
     async def _prune(self, seen: set[str]) -> int:
-        """Delete cached ``slk_`` tokens the listing no longer has; leave other keys alone."""
+        """Delete cached token entries the listing no longer has; leave other keys alone."""
         try:
             keys = await self._cache.full_keys()
         except Exception as exc:  # noqa: BLE001 - pruning is best effort
@@ -301,9 +319,9 @@ class ProductSubscriptionSource:
                 # Never log the key: it may contain a token.
                 log.warning("skipping cache key with %d parts (expected 4)", len(parts))
                 continue
-            token = parts[3]
-            if token.startswith(SUBSCRIPTION_PREFIX) and token not in seen:
-                stale.append(token)
+            suffix = parts[3]
+            if is_token_key(suffix) and suffix not in seen:
+                stale.append(suffix)
         await self._cache.delete(*stale)
         return len(stale)
 

@@ -1,8 +1,9 @@
 """The remote sources' actor cache: Redis in production, a bounded dict without Redis.
 
-Keys are the reference's (``v2:<namespace>:v2:<token or id>``, written
-with SET EX, i.e. SETEX, and the configured TTL), so processes of this gateway, and of
-the reference, share one cache. The cache is an optimisation and a
+Keys follow the reference's layout (``v2:<namespace>:v2:<suffix>``, written
+with SET EX, i.e. SETEX, and the configured TTL), so every gateway process
+shares one cache; but a token is never stored: its suffix is
+``sha256_<hex digest>`` (``token_key``), and actor ids stay as they are. The cache is an optimisation and a
 fallback, never a dependency: a Redis error is logged once and treated as
 a miss, so the sources fall through to the GraphQL API.
 """
@@ -15,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from actors.tokens import token_sha256
+
 log = logging.getLogger("gateway.actors.cache")
 
 DATA_VERSION = "v2"  # the platform cache's prefix
@@ -25,8 +28,20 @@ SUBSCRIPTIONS_NAMESPACE = "product-subscriptions"
 _MEMORY_MAX_ENTRIES = 100_000
 
 
+TOKEN_KEY_PREFIX = "sha256_"
+
+
 def cache_prefix(namespace: str) -> str:
     return f"{DATA_VERSION}:{namespace}:{SOURCE_VERSION}:"
+
+
+def token_key(token: str) -> str:
+    """The cache suffix for a client token: its digest, never the token itself."""
+    return TOKEN_KEY_PREFIX + token_sha256(token)
+
+
+def is_token_key(suffix: str) -> bool:
+    return suffix.startswith(TOKEN_KEY_PREFIX)
 
 
 class ActorCache(Protocol):

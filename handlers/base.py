@@ -49,6 +49,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.span: Span | None = None
         self.trace_id = ""
         self.span_id = ""
+        # The caller's token, kept in memory for this request only (refreshes need it).
+        self.token = ""
         self._counted = True
         services.in_flight += 1
 
@@ -104,6 +106,7 @@ class BaseHandler(tornado.web.RequestHandler):
         token = parse_bearer(self.request.headers.get("Authorization"))
         if not token and self.accepts_api_key_header:
             token = self.request.headers.get("x-api-key", "")
+        self.token = token
         try:
             actor = await self.services.observe.auth(self, self.services.actors.get(token))
         except TokenDeniedError as exc:

@@ -153,13 +153,13 @@ def spawn(coro: Any, what: str) -> None:
     task.add_done_callback(done)
 
 
-def refresh_in_background(services: Services, actor: Actor) -> None:
+def refresh_in_background(services: Services, actor: Actor, token: str) -> None:
     """Update-on-error (reference 2.7): a refused actor may have a new plan; re-fetch it,
     without making the refused request wait. Cooldowns keep this cheap."""
 
     async def refresh() -> None:
         try:
-            await services.actors.refresh(actor)
+            await services.actors.refresh(actor, token)
         except ActorRecentlyUpdated:
             pass
         except Exception as exc:  # a failed refresh only matters for the next request
@@ -221,7 +221,7 @@ class CompletionsHandler(BodyHandler):
         self.feature = feature
         rate_limit = actor.limit_for(feature)
         if rate_limit is None:
-            refresh_in_background(self.services, actor)
+            refresh_in_background(self.services, actor, self.token)
             raise Forbidden(f"no access to feature {feature}")
         timeout_s = self.upstream_timeout_s()
         anonymous_uid = self.request.headers.get("X-Sourcegraph-Actor-UID", "")
@@ -251,7 +251,7 @@ class CompletionsHandler(BodyHandler):
         )
         if not decision.allowed:
             self.record_rate_limited(decision, feature)
-            refresh_in_background(self.services, actor)
+            refresh_in_background(self.services, actor, self.token)
             raise rejection(decision, feature)
         for name, value in rate_limit_headers(decision).items():
             self.set_header(name, value)

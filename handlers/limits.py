@@ -64,7 +64,7 @@ class LimitsRefreshHandler(BaseHandler):
         actor = self.actor
         assert actor is not None
         try:
-            await self.services.actors.refresh(actor)
+            await self.services.actors.refresh(actor, self.token)
         except ActorRecentlyUpdated as exc:
             raise RateLimited(str(exc), headers={"Retry-After": str(max(1, math.ceil(exc.retry_in_s)))}) from exc
         except SourceError as exc:

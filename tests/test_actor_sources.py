@@ -27,7 +27,7 @@ from actors.dotcom_user import DotcomUserSource, decode_user_id
 from actors.graphql import GraphQLClient, GraphQLHTTPError, GraphQLResponseError, GraphQLUnavailable
 from actors.model import Actor
 from actors.product_subscriptions import ProductSubscriptionSource
-from actors.redis_cache import MemoryActorCache, cache_prefix
+from actors.redis_cache import MemoryActorCache, cache_prefix, token_key
 from actors.sync_worker import LOCK_NAME, SyncWorker
 from conf.model import ActorsConfig
 from errors import ServiceUnavailable, Unauthorized, UpstreamError
@@ -257,8 +257,12 @@ def test_dotcom_user_cache_hit_and_miss(redis_url: str | None) -> None:
 
             if env.redis is not None:
                 prefix = cache_prefix("dotcom-users")
-                assert await env.redis.exists(prefix + USER_TOKEN, prefix + "123456") == 2
-                ttl = await env.redis.ttl(prefix + USER_TOKEN)
+                assert await env.redis.exists(prefix + token_key(USER_TOKEN), prefix + "123456") == 2
+                # The token itself is stored nowhere: neither in a key nor in a value.
+                for key in await env.redis.keys("*"):
+                    assert USER_TOKEN.encode() not in key
+                    assert USER_TOKEN.encode() not in (await env.redis.get(key) or b"")
+                ttl = await env.redis.ttl(prefix + token_key(USER_TOKEN))
                 assert 86000 < ttl <= 86400
                 # Another gateway process shares the cache: no GraphQL call.
                 other = env.users()
@@ -283,7 +287,7 @@ def test_dotcom_user_not_found_is_cached_negatively(redis_url: str | None) -> No
                 assert denied.value.reason == "associated dotcom user not found"
             assert env.fake.calls["CheckDotcomUserAccessToken"] == 1
             if env.redis is not None:
-                ttl = await env.redis.ttl(cache_prefix("dotcom-users") + UNKNOWN_USER)
+                ttl = await env.redis.ttl(cache_prefix("dotcom-users") + token_key(UNKNOWN_USER))
                 assert 0 < ttl <= 900
 
             chain = SourceChain([source], local_cache_ttl_s=0)
@@ -352,7 +356,7 @@ def test_corrupt_cache_entries_are_deleted(redis_url: str | None) -> None:
             actor = await users.get(USER_TOKEN)
             assert actor.id == "123456"
             assert env.fake.calls["CheckDotcomUserAccessToken"] == 1
-            assert Actor.from_json(__import__("json").loads(await users.cache.get(USER_TOKEN))).id == "123456"
+            assert Actor.from_json(__import__("json").loads(await users.cache.get(token_key(USER_TOKEN)))).id == "123456"
 
             # A corrupt id entry is dropped when the token entry is served.
             await users.cache.set("123456", b"[1, 2")
@@ -381,16 +385,16 @@ def test_update_cooldowns_and_chain_refresh() -> None:
 
             env.clock.advance(0.5)
             with pytest.raises(ActorRecentlyUpdated) as err:
-                await chain.refresh(user)
+                await chain.refresh(user, USER_TOKEN)
             assert str(err.value) == "actor was recently updated - try again in 4m59s"
             with pytest.raises(ActorRecentlyUpdated) as err:
-                await chain.refresh(sub)
+                await chain.refresh(sub, SUB_TOKEN)
             assert str(err.value) == "actor was recently updated - try again in 9m59s"
             assert env.fake.calls["CheckDotcomUserAccessToken"] == 1
 
             env.clock.advance(300)
             add_alice(env.fake, code_limit=7)
-            refreshed = await chain.refresh(user)
+            refreshed = await chain.refresh(user, USER_TOKEN)
             assert refreshed.limit_for("code_completions").limit == 7  # type: ignore[union-attr]
             assert env.fake.calls["CheckDotcomUserAccessToken"] == 2
             # The chain forgot its copy, so the next request sees the new limits.
@@ -399,18 +403,18 @@ def test_update_cooldowns_and_chain_refresh() -> None:
             # A refresh by another process (newer cache entry) also counts for the cooldown.
             env.clock.advance(10)
             with pytest.raises(ActorRecentlyUpdated) as err:
-                await users.update(user)
+                await users.update(user, USER_TOKEN)
             assert str(err.value) == "actor was recently updated - try again in 4m50s"
 
             env.clock.advance(600)
-            assert (await chain.refresh(sub)).id == "3b8c-acme"
+            assert (await chain.refresh(sub, SUB_TOKEN)).id == "3b8c-acme"
             assert env.fake.calls["CheckAccessToken"] == 2
 
             # Anonymous actors cannot be updated: refresh is a no-op.
             anonymous = AnonymousSource(allow_anonymous=True, concurrency_percentage=50, concurrency_interval_s=10)
             chain2 = SourceChain([anonymous], local_cache_ttl_s=0)
             anon = await chain2.get("")
-            assert await chain2.refresh(anon) is anon
+            assert await chain2.refresh(anon, "") is anon
 
     run(scenario)
 
@@ -439,7 +443,7 @@ def test_subscription_actor_shape_and_token_forms(redis_url: str | None) -> None
             actor = await source.get(legacy)
             assert env.fake.calls["CheckAccessToken"] == 1
             assert env.fake.seen[-1].body["variables"] == {"token": SUB_TOKEN}
-            assert (actor.id, actor.name, actor.source, actor.key) == ("3b8c-acme", "acme", "product-subscriptions", SUB_TOKEN)
+            assert (actor.id, actor.name, actor.source, actor.key) == ("3b8c-acme", "acme", "product-subscriptions", hashlib.sha256(SUB_TOKEN.encode()).hexdigest())
             assert actor.access_enabled and dict(actor.endpoint_access) == {"/v1/attribution": True}
             chat = actor.limit_for("chat_completions")
             assert chat is not None and chat.allowed_models == ("*",) and chat.limit == 10 and chat.interval_s == 10
@@ -450,7 +454,7 @@ def test_subscription_actor_shape_and_token_forms(redis_url: str | None) -> None
             assert (await source.get(SUB_TOKEN)).id == "3b8c-acme"
             assert env.fake.calls["CheckAccessToken"] == 1
             if env.redis is not None:
-                assert await env.redis.exists(cache_prefix("product-subscriptions") + SUB_TOKEN) == 1
+                assert await env.redis.exists(cache_prefix("product-subscriptions") + token_key(SUB_TOKEN)) == 1
 
             with pytest.raises(NotFromSource):
                 await source.get(USER_TOKEN)
@@ -491,10 +495,10 @@ def test_subscription_sync_caches_every_token_and_prunes(redis_server: RedisServ
             env.fake.add_subscription("globex", [OTHER_SUB_TOKEN], code=(50, 86400, []))
             prefix = cache_prefix("product-subscriptions")
             gone = token("slk_", "revoked")
-            await env.redis.set(prefix + gone, b"{}")
+            await env.redis.set(prefix + token_key(gone), b"{}")
             await env.redis.set(prefix + "extra:part", b"{}")  # 5 parts: skipped
-            await env.redis.set(prefix + "sgp_dotcom", b"{}")  # not slk_: left alone
-            await env.redis.set(cache_prefix("dotcom-users") + USER_TOKEN, b"{}")  # other namespace
+            await env.redis.set(prefix + "sgp_dotcom", b"{}")  # not a token digest: left alone
+            await env.redis.set(cache_prefix("dotcom-users") + token_key(USER_TOKEN), b"{}")  # other namespace
 
             source = env.subs()
             chain = SourceChain([source], local_cache_ttl_s=60)
@@ -502,10 +506,10 @@ def test_subscription_sync_caches_every_token_and_prunes(redis_server: RedisServ
             assert source.last_sync_pruned == 1
             assert env.fake.calls["ListProductSubscriptions"] == 1
             for tok in (SUB_TOKEN, SUB_TOKEN_2, OTHER_SUB_TOKEN):
-                assert 86000 < await env.redis.ttl(prefix + tok) <= 86400
-            assert await env.redis.exists(prefix + gone) == 0
+                assert 86000 < await env.redis.ttl(prefix + token_key(tok)) <= 86400
+            assert await env.redis.exists(prefix + token_key(gone)) == 0
             assert await env.redis.exists(prefix + "extra:part", prefix + "sgp_dotcom") == 2
-            assert await env.redis.exists(cache_prefix("dotcom-users") + USER_TOKEN) == 1
+            assert await env.redis.exists(cache_prefix("dotcom-users") + token_key(USER_TOKEN)) == 1
             assert env.resets == []  # nothing cached before: no plan change to react to
 
             # Synced tokens are served without a CheckAccessToken call.
@@ -519,7 +523,7 @@ def test_subscription_sync_caches_every_token_and_prunes(redis_server: RedisServ
             env.fake.remove_subscription("globex")
             assert await chain.sync_all() == {"product-subscriptions": 2}
             assert env.resets == [("3b8c-acme", "code_completions")]
-            assert await env.redis.exists(prefix + OTHER_SUB_TOKEN) == 0
+            assert await env.redis.exists(prefix + token_key(OTHER_SUB_TOKEN)) == 0
             with pytest.raises(TokenDeniedError):
                 await chain.get(OTHER_SUB_TOKEN)
             assert (await chain.get(SUB_TOKEN)).limit_for("code_completions").limit == 2000  # type: ignore[union-attr]
@@ -528,7 +532,7 @@ def test_subscription_sync_caches_every_token_and_prunes(redis_server: RedisServ
             env.fake.mode = "http500"
             report = await chain.sync_all()
             assert str(report["product-subscriptions"]).startswith("error: failed to list subscriptions")
-            assert await env.redis.exists(prefix + SUB_TOKEN) == 1
+            assert await env.redis.exists(prefix + token_key(SUB_TOKEN)) == 1
 
     run(scenario)
 
@@ -540,12 +544,12 @@ def test_sync_prunes_in_memory_cache_too() -> None:
             source = env.subs()
             cache = source.cache
             assert isinstance(cache, MemoryActorCache)
-            cache.raw_set(cache.prefix + token("slk_", "old"), b"{}")
+            cache.raw_set(cache.prefix + token_key(token("slk_", "old")), b"{}")
             cache.raw_set(cache.prefix + "a:b", b"{}")
             assert await source.sync() == 2
             assert source.last_sync_pruned == 1
             assert sorted(await cache.full_keys()) == sorted(
-                [cache.prefix + SUB_TOKEN, cache.prefix + SUB_TOKEN_2, cache.prefix + "a:b"]
+                [cache.prefix + token_key(SUB_TOKEN), cache.prefix + token_key(SUB_TOKEN_2), cache.prefix + "a:b"]
             )
 
     run(scenario)
@@ -813,7 +817,7 @@ def test_cache_sync_and_lock_on_redis_cluster(redis_cluster: Any) -> None:
                 # Keys of many slots: SCAN over every node, MGET and DEL split by slot.
                 gone = [token("slk_", f"revoked-{i}") for i in range(20)]
                 for tok in gone:
-                    await client.set(cache_prefix("product-subscriptions") + tok, b"{}")
+                    await client.set(cache_prefix("product-subscriptions") + token_key(tok), b"{}")
                 assert await subs.sync() == 3
                 assert subs.last_sync_pruned == 20
                 env.fake.remove_subscription("globex")
