@@ -287,8 +287,8 @@ def test_a_slow_reader_gets_its_stream_ended_not_buffered(gw: Any, fake_provider
     assert len(events) == 1 and events[0]["metadata"]["outcome"] == "client_too_slow"
     wait_until(lambda: fake_stats(fake_provider)["client_disconnects"] > disconnects, 10, what="upstream cancelled")
     metrics = httpx.get(gw.base_url + "/metrics", timeout=5)
-    if metrics.status_code == 200:
-        assert re.search(r'cody_gateway_completions_total\{[^}]*outcome="client_too_slow"[^}]*\} [1-9]', metrics.text), "no client_too_slow in metrics"
+    assert metrics.status_code == 200
+    assert re.search(r'cody_gateway_completions_total\{[^}]*outcome="client_too_slow"[^}]*\} [1-9]', metrics.text), "no client_too_slow in metrics"
 
 
 # -- aborted uploads must not leak in-flight requests --------------------------------------------
