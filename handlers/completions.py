@@ -10,9 +10,7 @@ error event.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-import math
 import random
 import time
 from typing import Any
@@ -22,21 +20,24 @@ from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
-from actors.base import ActorRecentlyUpdated
 from actors.limits import evaluate_allowed_models, is_model_allowed, prefix_bare_models
-from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES, Actor, RateLimit
+from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES
 from errors import (
     BadRequest,
     Forbidden,
     GatewayError,
-    RateLimited,
     ServiceUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
+from handlers.admission import (
+    LimitedRequest,
+    rate_limit_headers,
+    refresh_in_background,
+    rejection,
+)
 from handlers.base import BodyHandler
 from handlers.services import Services
-from limiter.base import CONCURRENCY, TOKENS, Decision, LimiterUnavailable, LimitRule
 from telemetry import events as ev
 from upstreams import transport as tp
 from upstreams.base import Provider, ProviderCall
@@ -63,109 +64,6 @@ OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
 OUTCOME_UPSTREAM_ERROR = "upstream_error"
 OUTCOME_ERROR = "error"
 OUTCOME_CLIENT_TOO_SLOW = "client_too_slow"
-
-
-def go_time(ts: float) -> str:
-    """Go's default time format, which the reference's 429 messages use."""
-    return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
-
-
-def rate_limit_headers(decision: Decision) -> dict[str, str]:
-    return {
-        "X-RateLimit-Limit": str(decision.limit),
-        "X-RateLimit-Remaining": str(max(0, decision.remaining)),
-        "X-RateLimit-Reset": str(max(0, math.ceil(decision.reset_s))),
-    }
-
-
-def rejection(decision: Decision, feature: str) -> RateLimited:
-    retry_after = max(1, math.ceil(decision.retry_after_s))
-    retry_at = go_time(time.time() + retry_after)
-    if decision.cause == CONCURRENCY:
-        message = (
-            f'you have exceeded the concurrency limit of {decision.limit} requests for "{feature}". '
-            f"Retry after {retry_at}"
-        )
-    elif decision.cause == TOKENS:
-        message = f'you have exceeded the token limit of {decision.limit} tokens for "{feature}". Retry after {retry_at}'
-    else:
-        message = f"you have exceeded the rate limit of {decision.limit} requests. Retry after {retry_at}"
-    headers = rate_limit_headers(decision)
-    headers["Retry-After"] = str(retry_after)
-    return RateLimited(message, headers=headers)
-
-
-class LimitedRequest:
-    """Shared by completions and embeddings: admission and the matching release."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        self.rule: LimitRule | None = None
-        self.decision: Decision | None = None
-
-    @staticmethod
-    def make_rule(actor_id: str, feature: str, rate_limit: RateLimit, lease_ttl_s: float) -> LimitRule:
-        return LimitRule(
-            bucket=actor_id,
-            feature=feature,
-            limit=rate_limit.limit,
-            interval_s=rate_limit.interval_s,
-            concurrency=rate_limit.concurrent_requests or 0,
-            lease_ttl_s=lease_ttl_s,
-            tokens_limit=rate_limit.tokens_limit,
-        )
-
-    async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
-        try:
-            decision = await self.services.limiter.acquire(rule, cost=cost, token_reserve=token_reserve)
-        except LimiterUnavailable as exc:
-            raise ServiceUnavailable("rate limiter unavailable, please retry", headers={"Retry-After": "1"}) from exc
-        if decision.allowed:
-            self.rule, self.decision = rule, decision
-        return decision
-
-    def release(self, *, refund: bool, actual_cost: int | None = None, actual_tokens: int | None = None) -> None:
-        rule, decision = self.rule, self.decision
-        if rule is None or decision is None:
-            return
-        self.rule = self.decision = None
-        spawn(
-            self.services.limiter.release(
-                rule, decision, refund=refund, actual_cost=actual_cost, actual_tokens=actual_tokens
-            ),
-            "limiter release",
-        )
-
-
-_background: set[asyncio.Task[Any]] = set()
-
-
-def spawn(coro: Any, what: str) -> None:
-    """Fire-and-forget that is never garbage-collected early and never loses its error."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-
-    def done(t: asyncio.Task[Any]) -> None:
-        _background.discard(t)
-        if not t.cancelled() and t.exception() is not None:
-            log.error("%s failed: %s", what, t.exception())
-
-    task.add_done_callback(done)
-
-
-def refresh_in_background(services: Services, actor: Actor, token: str) -> None:
-    """Update-on-error (reference 2.7): a refused actor may have a new plan; re-fetch it,
-    without making the refused request wait. Cooldowns keep this cheap."""
-
-    async def refresh() -> None:
-        try:
-            await services.actors.refresh(actor, token)
-        except ActorRecentlyUpdated:
-            pass
-        except Exception as exc:  # a failed refresh only matters for the next request
-            log.warning("update-on-error refresh of actor %s failed: %s", actor.id, exc)
-
-    spawn(refresh(), "actor refresh")
 
 
 class CompletionsHandler(BodyHandler):

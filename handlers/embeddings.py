@@ -23,8 +23,8 @@ import orjson
 from actors.limits import evaluate_allowed_models, is_model_allowed
 from actors.model import EMBEDDINGS, Actor
 from errors import BadRequest, Forbidden
+from handlers.admission import LimitedRequest, rate_limit_headers, rejection
 from handlers.base import BaseHandler, BodyHandler
-from handlers.completions import LimitedRequest, rate_limit_headers, rejection
 from handlers.services import Services
 from telemetry import events as ev
 from upstreams import transport as tp

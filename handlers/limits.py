@@ -10,8 +10,8 @@ from actors.base import ActorRecentlyUpdated, SourceError
 from actors.model import FEATURES
 from conf.durations import format_go_duration
 from errors import RateLimited, ServiceUnavailable
+from handlers.admission import LimitedRequest
 from handlers.base import BaseHandler, rfc3339
-from handlers.completions import LimitedRequest
 
 
 class LimitsHandler(BaseHandler):
