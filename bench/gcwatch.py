@@ -92,7 +92,19 @@ class _StallWatch:
         if frame is None:
             return "?"
         lines = traceback.extract_stack(frame)[-8:]
-        return " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(lines))
+        text = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(lines))
+        # Other threads that are inside Python code right now (not parked in a
+        # wait): a thread holding the GIL for long is a stall of its own kind.
+        names = {t.ident: t.name for t in threading.enumerate()}
+        busy = []
+        for ident, other in sys._current_frames().items():
+            if ident in (self.main_id, threading.get_ident()):
+                continue
+            top = traceback.extract_stack(other)[-1]
+            if top.name in ("wait", "_wait_for_tstate_lock", "select", "poll", "get", "sleep", "accept"):
+                continue
+            busy.append(f"{names.get(ident, ident)}@{Path(top.filename).name}:{top.lineno}:{top.name}")
+        return text + (" || busy threads: " + ", ".join(sorted(busy)) if busy else "")
 
     def run(self) -> None:
         loop = None
