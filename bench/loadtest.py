@@ -237,7 +237,9 @@ class Runner:
                     conn = await self._connection()
                 await conn.request(time.perf_counter(), scn.timeout_s)
             except ResponseError as exc:
-                if exc.kind == "stale":
+                if self.stopping:
+                    pass  # cut at the end of the window: neither an error nor a re-send
+                elif exc.kind == "stale":
                     self.stats.stale_retries += 1
                     sent -= 1
                 elif not self.stopping:
@@ -272,7 +274,7 @@ class Runner:
                     except ResponseError as exc:
                         self._drop(conn)
                         conn = None
-                        if exc.kind == "stale" and attempt == 1:
+                        if exc.kind == "stale" and attempt == 1 and not self.stopping:
                             self.stats.stale_retries += 1
                             continue
                         if not self.stopping:
