@@ -78,9 +78,12 @@ def with_request_context(
     actor: dict[str, Any] = {}
     if actor_uid not in (None, "", 0, "0"):
         try:
-            actor["UID"] = int(actor_uid)  # type: ignore[arg-type]
+            uid = int(actor_uid)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            pass
+            uid = None
+        # The platform's user ids are 32-bit; anything else a client sends is not one.
+        if uid is not None and 0 < uid < 2**31:
+            actor["UID"] = uid
     if anonymous_uid:
         actor["AnonymousUID"] = anonymous_uid
     metadata[ACTOR_KEY] = actor
@@ -89,8 +92,22 @@ def with_request_context(
 
 
 def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    encoded = orjson.dumps(dict(metadata), default=str, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        encoded = orjson.dumps(dict(metadata), default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        # orjson has no fallback for integers beyond 64 bits: spell them out.
+        encoded = orjson.dumps(_big_ints_as_text(dict(metadata)), default=str, option=orjson.OPT_NON_STR_KEYS)
     return dict(orjson.loads(encoded))
+
+
+def _big_ints_as_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _big_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_big_ints_as_text(v) for v in value]
+    return value
 
 
 @dataclass(slots=True)

@@ -163,13 +163,15 @@ def test_unencodable_metadata_is_coerced_not_lost(tmp_path: Path) -> None:
         logger = EventLogger(config, build_sink(config, str(tmp_path)), base_dir=str(tmp_path))
         logger.start()
         logger.record(Event("CompletionsFinished", "s", "i", {"odd": {1, 2}, "ok": 1}))
+        logger.record(Event("CompletionsFinished", "s", "i", {"huge": 2**70, "nested": [{"huge": -(2**70)}]}))
         await logger.stop(2)
         return logger
 
     logger = run(main())
-    (row,) = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
-    assert orjson.loads(row["metadata"])["ok"] == 1
-    assert logger.coerced == 1 and logger.dropped == 0
+    rows = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    assert orjson.loads(rows[0]["metadata"])["ok"] == 1
+    assert orjson.loads(rows[1]["metadata"]) == {"huge": str(2**70), "nested": [{"huge": str(-(2**70))}]}
+    assert logger.coerced == 2 and logger.dropped == 0
 
 
 def test_request_context_injection() -> None:
@@ -179,6 +181,9 @@ def test_request_context_injection() -> None:
     assert enriched.event_id == event.event_id and event.metadata["trace_id"] == "mine"
     bare = with_request_context(event)
     assert bare.metadata["sg.actor"] == {} and bare.metadata["trace_id"] == ""
+    # A header value that is no user id (too large, negative, not a number) is not one.
+    for uid in ("1" * 30, "-5", "0", "x"):
+        assert with_request_context(event, actor_uid=uid).metadata["sg.actor"] == {}
 
 
 def test_full_buffer_spills_and_replays_exactly_once(tmp_path: Path) -> None:
