@@ -88,7 +88,15 @@ class Tracing:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             # Batch size, queue and delay follow the SDK's OTEL_BSP_* variables.
-            self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_traces_url(config.otlp_endpoint))))
+            # Small batches: the exporter encodes a batch in Python while holding the
+            # GIL, and a 512-span batch stalled the event loop for tens of ms.
+            self.provider.add_span_processor(
+                BatchSpanProcessor(
+                    OTLPSpanExporter(endpoint=otlp_traces_url(config.otlp_endpoint)),
+                    max_export_batch_size=64,
+                    schedule_delay_millis=500,
+                )
+            )
             exporting = True
         for processor in extra_processors or []:
             self.provider.add_span_processor(processor)
