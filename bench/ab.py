@@ -24,7 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadtest
-from bench.stack import Stack, start_stack
+from bench.stack import Stack, exit_on_sigterm, start_stack
 
 
 def figures(r: dict[str, Any]) -> dict[str, float | None]:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     loadtest.add_scenario_flags(p)
     args = p.parse_args(argv)
+    exit_on_sigterm()
     scenario = loadtest.scenario_from_args(args)
     envs = {"A": dict(e.split("=", 1) for e in args.a_env), "B": dict(e.split("=", 1) for e in args.b_env)}
     dirs = {"A": args.a.resolve(), "B": args.b.resolve()}

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadtest
-from bench.stack import Stack, start_stack
+from bench.stack import Stack, exit_on_sigterm, start_stack
 
 # Issue 6's targets (2-core machine, all features on, measured by this script).
 MIN_THROUGHPUT_RATIO = 0.45
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     loadtest.add_scenario_flags(p)
     args = p.parse_args(argv)
+    exit_on_sigterm()
     scenario = loadtest.scenario_from_args(args)
     extra_env = dict(item.split("=", 1) for item in args.env)
 

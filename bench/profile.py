@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadtest, pyspy_summary
-from bench.stack import start_stack
+from bench.stack import exit_on_sigterm, start_stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=30)
     loadtest.add_scenario_flags(p)
     args = p.parse_args(argv)
+    exit_on_sigterm()
     scenario = loadtest.scenario_from_args(args)
     args.out.mkdir(parents=True, exist_ok=True)
     extra_env = dict(item.split("=", 1) for item in args.env)

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadtest, procinfo
-from bench.stack import start_stack
+from bench.stack import exit_on_sigterm, start_stack
 
 MAX_GROWTH = 0.05
 
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--gateway-dir", type=Path)
     args = p.parse_args(argv)
+    exit_on_sigterm()
     extra_env = dict(item.split("=", 1) for item in args.env)
     stack = start_stack(processes=args.processes, extra_env=extra_env, gateway_dir=args.gateway_dir)
     try:

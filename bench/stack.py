@@ -44,6 +44,11 @@ class StackError(RuntimeError):
     pass
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that a script's ``finally`` stops the stack it started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -286,6 +291,7 @@ def main() -> None:
     parser.add_argument("--no-redis", action="store_true", help="in-process limiter instead of Redis")
     parser.add_argument("--no-otlp", action="store_true", help="record spans but export none")
     args = parser.parse_args()
+    exit_on_sigterm()
     stack = start_stack(processes=args.processes, redis=not args.no_redis, otlp=not args.no_otlp)
     try:
         print(f"fake provider  {stack.fake_url}")
