@@ -72,7 +72,7 @@ async def serve(
     # full passes rarer, so that collections do not stall thousands of streams.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(10_000, 20, 100)
     sockets = sockets or _bind(config)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]

@@ -188,6 +188,11 @@ class BaseHandler(tornado.web.RequestHandler):
                 self.finish()
             return
         self.clear()
+        if self.body_unread():
+            # Tornado closes a connection whose request body was never read;
+            # saying so lets keep-alive clients open a new one instead of
+            # finding a reset on their next request.
+            self.set_header("Connection", "close")
         self.set_header("X-Trace", self.trace_id)
         self.set_header("X-Trace-Span", self.span_id)
         self.set_header("X-Span", self.span_id)
@@ -198,6 +203,9 @@ class BaseHandler(tornado.web.RequestHandler):
             log.exception("failed to write the error response")
         if not self._finished:
             self.finish()
+
+    def body_unread(self) -> bool:
+        return False
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, GatewayError):
@@ -237,6 +245,10 @@ class BodyHandler(BaseHandler):
         self._body = bytearray()
         self._body_too_large = False
         self._max_body = services.config.server.max_body_bytes
+
+    def body_unread(self) -> bool:
+        future = getattr(self.request, "_body_future", None)
+        return future is not None and not future.done()
 
     async def prepare(self) -> None:
         # Authenticated before the body is read: a stranger's upload costs nothing.

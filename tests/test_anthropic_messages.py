@@ -277,3 +277,11 @@ def test_bad_config_names_every_bad_key(tmp_path: Any) -> None:
     assert result.returncode == 2
     for key in ("port", "no_such_key", "upstream.max_clients", "redis.failure_policy"):
         assert key in result.stderr, result.stderr
+
+
+def test_rejection_before_the_body_says_connection_close(gw: GatewayProcess) -> None:
+    response = post(gw, message_body(), token="sgd_" + "c" * 64)
+    assert response.status_code == 401
+    assert response.headers.get("Connection", "").lower() == "close"
+    ok = post(gw, message_body())
+    assert ok.status_code == 200 and ok.headers.get("Connection", "").lower() != "close"
