@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -195,9 +194,3 @@ class StaticSource:
             raise NotFromSource("no source found for token")
         return actor
 
-
-def modification_time(path: Path) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except FileNotFoundError:
-        return None

@@ -42,8 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
