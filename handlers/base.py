@@ -24,6 +24,7 @@ from limiter.base import CONCURRENCY, Decision
 from telemetry import events as ev
 from telemetry.event_logger import with_request_context
 from telemetry.tracing import span_ids
+from upstreams.transport import AbortFlag
 
 log = logging.getLogger("gateway.http")
 
@@ -51,6 +52,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.span_id = ""
         # The caller's token, kept in memory for this request only (refreshes need it).
         self.token = ""
+        self._finalized = False
         self._counted = True
         services.in_flight += 1
 
@@ -77,14 +79,20 @@ class BaseHandler(tornado.web.RequestHandler):
         # process killed right after a client saw its response finish has the
         # event on disk already.
         if not self._finished:
-            self.finalize()
+            self._finalize_once()
         return super().finish(chunk)
 
     def finalize(self) -> None:
-        """Once per request, before the last byte (and again as a no-op from on_finish)."""
+        """Per-request accounting (limiter release, usage event): runs exactly once,
+        before the response's last byte, or from on_finish if the response never ended."""
+
+    def _finalize_once(self) -> None:
+        if not self._finalized:
+            self._finalized = True
+            self.finalize()
 
     def on_finish(self) -> None:
-        self.finalize()
+        self._finalize_once()
         if self._counted:
             self._counted = False
             self.services.in_flight -= 1
@@ -230,7 +238,6 @@ class NotFoundHandler(BaseHandler):
         raise NotFound("404 page not found")
 
 
-
 @tornado.web.stream_request_body
 class BodyHandler(BaseHandler):
     """A POST endpoint whose body is read with a hard size cap.
@@ -290,7 +297,7 @@ class BodyHandler(BaseHandler):
         self._body += chunk
 
     def on_connection_close(self) -> None:
-        body_pending = not self.request._body_future.done()
+        body_pending = self.body_unread()
         super().on_connection_close()
         if body_pending and not self._finished:
             # Tornado never resumes a handler whose upload was cut off (client gone
@@ -302,3 +309,17 @@ class BodyHandler(BaseHandler):
         if self._body_too_large:
             raise PayloadTooLarge(f"request body too large (at most {self._max_body} bytes)")
         return bytes(self._body)
+
+
+class UpstreamHandler(BodyHandler):
+    """A body endpoint that calls a provider: a client that leaves aborts that call."""
+
+    def initialize(self, services: Services, **kwargs: Any) -> None:
+        super().initialize(services, **kwargs)
+        self.abort = AbortFlag()
+        self.client_gone = False
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+        self.abort.set()
+        super().on_connection_close()

@@ -36,7 +36,7 @@ from handlers.admission import (
     refresh_in_background,
     rejection,
 )
-from handlers.base import BodyHandler
+from handlers.base import UpstreamHandler
 from handlers.services import Services
 from telemetry import events as ev
 from upstreams import transport as tp
@@ -66,7 +66,7 @@ OUTCOME_ERROR = "error"
 OUTCOME_CLIENT_TOO_SLOW = "client_too_slow"
 
 
-class CompletionsHandler(BodyHandler):
+class CompletionsHandler(UpstreamHandler):
     route_class = "completions"
 
     def initialize(self, services: Services, provider: Provider, sdk_route: bool = False, **kwargs: Any) -> None:  # type: ignore[override]
@@ -77,8 +77,6 @@ class CompletionsHandler(BodyHandler):
         self.accepts_api_key_header = sdk_route
         self.limited = LimitedRequest(services)
         self.call: ProviderCall | None = None
-        self.abort = tp.AbortFlag()
-        self.client_gone = False
         self.relaying = False
         self.first_byte_sent = False
         self.upstream_status: int | None = None
@@ -91,7 +89,6 @@ class CompletionsHandler(BodyHandler):
         self._error_body = bytearray()
         self._body_buffer = bytearray()
         self._last_chunk = b""
-        self._finalized = False
         self._auto_flush = services.config.server.auto_flush_streaming
         self._max_client_buffer = services.config.server.max_client_buffer_bytes
         self._flush_scheduled = False
@@ -385,18 +382,10 @@ class CompletionsHandler(BodyHandler):
         self.outcome = OUTCOME_ERROR
         self.finish(bytes(self._error_body))
 
-    def on_connection_close(self) -> None:
-        self.client_gone = True
-        self.abort.set()
-        super().on_connection_close()
-
     # -- the end -----------------------------------------------------------------
 
     def finalize(self) -> None:
         """Exactly once per request: release the limiter and record the usage event."""
-        if self._finalized:
-            return
-        self._finalized = True
         call = self.call
         actor = self.actor
         if call is None or actor is None:

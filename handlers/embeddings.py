@@ -24,10 +24,9 @@ from actors.limits import evaluate_allowed_models, is_model_allowed
 from actors.model import EMBEDDINGS, Actor
 from errors import BadRequest, Forbidden
 from handlers.admission import LimitedRequest, rate_limit_headers, rejection
-from handlers.base import BaseHandler, BodyHandler
+from handlers.base import BaseHandler, UpstreamHandler
 from handlers.services import Services
 from telemetry import events as ev
-from upstreams import transport as tp
 from upstreams.decode import known_fields, opt_bool, opt_int, opt_str, parse_body
 from upstreams.embeddings import (
     OPENAI,
@@ -133,7 +132,7 @@ class EmbeddingModelsHandler(BaseHandler):
         self.write_json(200, listing)
 
 
-class EmbeddingsHandler(BodyHandler):
+class EmbeddingsHandler(UpstreamHandler):
     route_class = "embeddings"
     operation = "embeddings"
 
@@ -143,14 +142,11 @@ class EmbeddingsHandler(BodyHandler):
         self.sdk_route = sdk_route
         self.accepts_api_key_header = sdk_route
         self.limited = LimitedRequest(services)
-        self.abort = tp.AbortFlag()
-        self.client_gone = False
         self.request_: EmbeddingsRequest | None = None
         self.exchange: Exchange | None = None
         self.result: EmbeddingsResult | None = None
         self.tokens_charged = 0
         self.outcome = OUTCOME_ERROR
-        self._finalized = False
 
     # -- request ----------------------------------------------------------------
 
@@ -254,18 +250,10 @@ class EmbeddingsHandler(BodyHandler):
         self.outcome = OUTCOME_COMPLETE
         self.finish(payload)
 
-    def on_connection_close(self) -> None:
-        self.client_gone = True
-        self.abort.set()
-        super().on_connection_close()
-
     # -- the end -----------------------------------------------------------------
 
     def finalize(self) -> None:
         """Exactly once per request: settle or refund the reservation, record the event."""
-        if self._finalized:
-            return
-        self._finalized = True
         resolved = self.get_status()
         # The provider did the work (and billed it) once a result exists, even
         # if the client left before reading it.
