@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from actors.base import (
-    ActorRecentlyUpdated,
     InvalidTokenFormat,
     NotFromSource,
     SourceUnavailable,
@@ -28,20 +27,15 @@ from actors.model import FEATURES, Actor, RateLimit
 from actors.redis_cache import (
     DOTCOM_USERS_NAMESPACE,
     ActorCache,
-    make_actor_cache,
     token_key,
 )
 from actors.remote import (
     ACCESS_FIELDS,
     GRAPHQL_LIMIT_FIELDS,
     NEGATIVE_TTL_S,
-    OUTAGE_SKIP_S,
-    CorruptEntry,
-    OnceLog,
+    CachedGraphQLSource,
     ResetUsage,
-    SingleFlight,
     changed_features,
-    decode_actor,
     encode_actor,
     graphql_rate_limit,
     reset_features,
@@ -127,8 +121,9 @@ def build_user_actor(
     )
 
 
-class DotcomUserSource:
+class DotcomUserSource(CachedGraphQLSource):
     name = SOURCE_NAME
+    refresh_after_s = REFRESH_AFTER_S
 
     def __init__(
         self,
@@ -140,65 +135,19 @@ class DotcomUserSource:
         *,
         cache: ActorCache | None = None,
     ) -> None:
-        self._graphql = graphql
-        self._config = config
-        self._reset_usage = reset_usage
-        self._clock = clock
-        self._cache = cache or make_actor_cache(redis, DOTCOM_USERS_NAMESPACE, ttl_s=config.sources_cache_ttl, clock=clock)
-        self._flight: SingleFlight[Actor] = SingleFlight()
-        self._stale_log = OnceLog(log)
-
-    @property
-    def cache(self) -> ActorCache:
-        return self._cache
+        super().__init__(graphql, redis, config, reset_usage, clock, cache=cache, namespace=DOTCOM_USERS_NAMESPACE)
 
     async def get(self, token: str) -> Actor:
         if not token.startswith(DOTCOM_USER_PREFIX):
             raise NotFromSource("unknown token prefix")
         if len(token) != TOKEN_LENGTH:
             raise InvalidTokenFormat()
-        cached = await self._read(token_key(token))
-        if cached is not None and not self._is_stale(cached):
-            return await self._answer_from_cache(cached)
-        if cached is not None and self._graphql.failed_within(OUTAGE_SKIP_S):
-            return await self._answer_from_cache(cached)
-        try:
-            actor = await self._flight.do(token, lambda: self._fetch_and_cache(token, cached))
-        except SourceUnavailable:
-            if cached is None:
-                raise
-            self._stale_log.warn("GraphQL API unavailable: serving cached dotcom-user actors, refreshing later")
-            return await self._answer_from_cache(cached)
-        self._stale_log.clear()
-        return actor
+        return await self._lookup(token)
 
     async def update(self, actor: Actor, token: str) -> Actor:
-        """Re-fetch now unless the actor was refreshed within the cooldown (any process)."""
         if not token.startswith(DOTCOM_USER_PREFIX) or len(token) != TOKEN_LENGTH:
             return actor
-        last = actor.last_updated
-        latest = await self._read(token_key(token))
-        if latest is not None and latest.last_updated is not None and (last is None or latest.last_updated > last):
-            last = latest.last_updated
-        now = self._clock()
-        cooldown = self._config.dotcom_actor_cooldown
-        if last is not None and now - last < cooldown:
-            raise ActorRecentlyUpdated(last + cooldown - now)
-        return await self._flight.do(token, lambda: self._fetch_and_cache(token, latest or actor))
-
-    def _is_stale(self, actor: Actor) -> bool:
-        return actor.last_updated is None or self._clock() - actor.last_updated > REFRESH_AFTER_S
-
-    async def _read(self, key: str) -> Actor | None:
-        raw = await self._cache.get(key)
-        if raw is None:
-            return None
-        try:
-            return decode_actor(raw)
-        except CorruptEntry as exc:
-            log.error("deleting corrupt dotcom-user cache entry: %s", exc)
-            await self._cache.delete(key)
-            return None
+        return await self._refresh(actor, token, self._config.dotcom_actor_cooldown)
 
     async def _answer_from_cache(self, cached: Actor) -> Actor:
         if cached.is_empty() and not cached.name:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from actors.base import (
-    ActorRecentlyUpdated,
     InvalidTokenFormat,
     NotFromSource,
     SourceUnavailable,
@@ -28,18 +27,15 @@ from actors.redis_cache import (
     SUBSCRIPTIONS_NAMESPACE,
     ActorCache,
     is_token_key,
-    make_actor_cache,
     token_key,
 )
 from actors.remote import (
     ACCESS_FIELDS,
     GRAPHQL_LIMIT_FIELDS,
     NEGATIVE_TTL_S,
-    OUTAGE_SKIP_S,
+    CachedGraphQLSource,
     CorruptEntry,
-    OnceLog,
     ResetUsage,
-    SingleFlight,
     changed_features,
     decode_actor,
     encode_actor,
@@ -133,8 +129,9 @@ def build_subscription_actor(
     )
 
 
-class ProductSubscriptionSource:
+class ProductSubscriptionSource(CachedGraphQLSource):
     name = SOURCE_NAME
+    refresh_after_s = REFRESH_AFTER_S
 
     def __init__(
         self,
@@ -146,18 +143,8 @@ class ProductSubscriptionSource:
         *,
         cache: ActorCache | None = None,
     ) -> None:
-        self._graphql = graphql
-        self._config = config
-        self._reset_usage = reset_usage
-        self._clock = clock
-        self._cache = cache or make_actor_cache(redis, SUBSCRIPTIONS_NAMESPACE, ttl_s=config.sources_cache_ttl, clock=clock)
-        self._flight: SingleFlight[Actor] = SingleFlight()
-        self._stale_log = OnceLog(log)
+        super().__init__(graphql, redis, config, reset_usage, clock, cache=cache, namespace=SUBSCRIPTIONS_NAMESPACE)
         self.last_sync_pruned = 0
-
-    @property
-    def cache(self) -> ActorCache:
-        return self._cache
 
     async def get(self, token: str) -> Actor:
         if not token:
@@ -167,34 +154,13 @@ class ProductSubscriptionSource:
             raise NotFromSource("unknown token prefix")
         if len(token) != TOKEN_LENGTH:
             raise InvalidTokenFormat()
-        cached = await self._read(token_key(token))
-        if cached is not None and not self._is_stale(cached):
-            return self._answer_from_cache(cached)
-        if cached is not None and self._graphql.failed_within(OUTAGE_SKIP_S):
-            return self._answer_from_cache(cached)
-        try:
-            actor = await self._flight.do(token, lambda: self._fetch_and_cache(token, cached))
-        except SourceUnavailable:
-            if cached is None:
-                raise
-            self._stale_log.warn("GraphQL API unavailable: serving cached subscription actors, refreshing later")
-            return self._answer_from_cache(cached)
-        self._stale_log.clear()
-        return actor
+        return await self._lookup(token)
 
     async def update(self, actor: Actor, token: str) -> Actor:
         token = normalise_subscription_token(token)
         if not token.startswith(SUBSCRIPTION_PREFIX) or len(token) != TOKEN_LENGTH:
             return actor
-        last = actor.last_updated
-        latest = await self._read(token_key(token))
-        if latest is not None and latest.last_updated is not None and (last is None or latest.last_updated > last):
-            last = latest.last_updated
-        now = self._clock()
-        cooldown = self._config.subscription_actor_cooldown
-        if last is not None and now - last < cooldown:
-            raise ActorRecentlyUpdated(last + cooldown - now)
-        return await self._flight.do(token, lambda: self._fetch_and_cache(token, latest or actor))
+        return await self._refresh(actor, token, self._config.subscription_actor_cooldown)
 
     async def sync(self) -> int:
         """Cache an actor for every token of every subscription, then drop tokens not seen."""
@@ -238,21 +204,7 @@ class ProductSubscriptionSource:
             concurrency_interval_s=self._config.concurrency_limit_interval,
         )
 
-    def _is_stale(self, actor: Actor) -> bool:
-        return actor.last_updated is None or self._clock() - actor.last_updated > REFRESH_AFTER_S
-
-    async def _read(self, token: str) -> Actor | None:
-        raw = await self._cache.get(token)
-        if raw is None:
-            return None
-        try:
-            return decode_actor(raw)
-        except CorruptEntry as exc:
-            log.error("deleting corrupt product-subscriptions cache entry: %s", exc)
-            await self._cache.delete(token)
-            return None
-
-    def _answer_from_cache(self, cached: Actor) -> Actor:
+    async def _answer_from_cache(self, cached: Actor) -> Actor:
         if cached.is_empty():
             # The negative entry written when the API said "not found".
             raise TokenDenied(DENIED_REASON)

@@ -8,8 +8,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+from actors.base import ActorRecentlyUpdated, SourceUnavailable
 from actors.limits import percentage_concurrency
 from actors.model import FEATURES, Actor, RateLimit
+from actors.redis_cache import ActorCache, make_actor_cache, token_key
+from conf.model import ActorsConfig
 
 log = logging.getLogger("gateway.actors.remote")
 
@@ -170,3 +173,88 @@ class OnceLog:
 
     def clear(self) -> None:
         self._active = False
+
+
+class CachedGraphQLSource:
+    """The lookup and refresh flow both GraphQL sources share.
+
+    A cached actor is served while it is fresh (``refresh_after_s``); a stale
+    one triggers one fetch per token (single flight); when the API is down a
+    cached actor, even stale, is served and the outage logged once, and for
+    ``OUTAGE_SKIP_S`` after a failure stale actors are served without asking
+    again. Subclasses say how to fetch and how to answer from the cache.
+    """
+
+    name: str
+    refresh_after_s: float
+
+    def __init__(
+        self,
+        graphql: Any,
+        redis: object | None,
+        config: ActorsConfig,
+        reset_usage: ResetUsage | None,
+        clock: Callable[[], float],
+        *,
+        cache: ActorCache | None,
+        namespace: str,
+    ) -> None:
+        self._graphql = graphql
+        self._config = config
+        self._reset_usage = reset_usage
+        self._clock = clock
+        self._cache = cache or make_actor_cache(redis, namespace, ttl_s=config.sources_cache_ttl, clock=clock)
+        self._flight: SingleFlight[Actor] = SingleFlight()
+        self._stale_log = OnceLog(log)
+
+    @property
+    def cache(self) -> ActorCache:
+        return self._cache
+
+    async def _fetch_and_cache(self, token: str, old: Actor | None) -> Actor:
+        raise NotImplementedError
+
+    async def _answer_from_cache(self, cached: Actor) -> Actor:
+        raise NotImplementedError
+
+    async def _lookup(self, token: str) -> Actor:
+        """``token`` is already checked and normalised by the subclass."""
+        cached = await self._read(token_key(token))
+        if cached is not None and not self._is_stale(cached):
+            return await self._answer_from_cache(cached)
+        if cached is not None and self._graphql.failed_within(OUTAGE_SKIP_S):
+            return await self._answer_from_cache(cached)
+        try:
+            actor = await self._flight.do(token, lambda: self._fetch_and_cache(token, cached))
+        except SourceUnavailable:
+            if cached is None:
+                raise
+            self._stale_log.warn("GraphQL API unavailable: serving cached %s actors, refreshing later", self.name)
+            return await self._answer_from_cache(cached)
+        self._stale_log.clear()
+        return actor
+
+    async def _refresh(self, actor: Actor, token: str, cooldown_s: float) -> Actor:
+        """Re-fetch now unless the actor was refreshed within the cooldown (by any process)."""
+        last = actor.last_updated
+        latest = await self._read(token_key(token))
+        if latest is not None and latest.last_updated is not None and (last is None or latest.last_updated > last):
+            last = latest.last_updated
+        now = self._clock()
+        if last is not None and now - last < cooldown_s:
+            raise ActorRecentlyUpdated(last + cooldown_s - now)
+        return await self._flight.do(token, lambda: self._fetch_and_cache(token, latest or actor))
+
+    def _is_stale(self, actor: Actor) -> bool:
+        return actor.last_updated is None or self._clock() - actor.last_updated > self.refresh_after_s
+
+    async def _read(self, key: str) -> Actor | None:
+        raw = await self._cache.get(key)
+        if raw is None:
+            return None
+        try:
+            return decode_actor(raw)
+        except CorruptEntry as exc:
+            log.error("deleting corrupt %s cache entry: %s", self.name, exc)
+            await self._cache.delete(key)
+            return None
