@@ -115,6 +115,25 @@ class BufferedCall:
     def _on_body(self, data: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _took_error(self, event: dict[str, Any], content_key: str) -> bool:
+        """Record an event that is the provider's own error (an ``error`` and no content)."""
+        if "error" not in event or content_key in event:
+            return False
+        error = event["error"]
+        self.in_band_error = str((error.get("message") if isinstance(error, dict) else error) or "error")
+        return True
+
+    def _read_usage(self, usage: Any) -> None:
+        """OpenAI-shaped ``usage`` (OpenAI and Fireworks): prompt and completion tokens."""
+        if not isinstance(usage, dict):
+            return
+        prompt = usage_count(usage.get("prompt_tokens"))
+        completion = usage_count(usage.get("completion_tokens"))
+        if prompt is not None:
+            self._usage.prompt_tokens = prompt
+        if completion is not None:
+            self._usage.completion_tokens = completion
+
     def _add_text(self, text: str) -> None:
         if not text:
             self._usage.completion_chars = self._usage.completion_chars or 0

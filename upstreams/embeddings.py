@@ -20,7 +20,13 @@ import orjson
 from tornado.httputil import HTTPHeaders
 
 from conf.model import Config
-from errors import BadRequest, GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from errors import (
+    BadRequest,
+    GatewayError,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from upstreams import transport as tp
 from upstreams.base import UpstreamRequest
 

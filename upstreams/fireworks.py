@@ -27,7 +27,7 @@ from actors.model import CHAT_COMPLETIONS
 from conf.model import FireworksConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest
-from upstreams.callbase import BufferedCall, at_least_one, usage_count
+from upstreams.callbase import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -155,9 +155,7 @@ class FireworksCall(BufferedCall):
         event = self._json(data)
         if event is None:
             return
-        if "error" in event and "choices" not in event:
-            error = event["error"]
-            self.in_band_error = str((error.get("message") if isinstance(error, dict) else error) or "error")
+        if self._took_error(event, "choices"):
             return
         self._read_choices(event.get("choices"), "delta")
         self._read_usage(event.get("usage"))
@@ -181,16 +179,6 @@ class FireworksCall(BufferedCall):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, str):
                 self._add_text(content)
-
-    def _read_usage(self, usage: Any) -> None:
-        if not isinstance(usage, dict):
-            return
-        prompt = usage_count(usage.get("prompt_tokens"))
-        completion = usage_count(usage.get("completion_tokens"))
-        if prompt is not None:
-            self._usage.prompt_tokens = prompt
-        if completion is not None:
-            self._usage.completion_tokens = completion
 
     def stream_error_event(self, message: str) -> bytes:
         payload = orjson.dumps({"error": {"object": "error", "type": "internal_server_error", "message": message}})

@@ -119,9 +119,7 @@ class GoogleCall(BufferedCall):
         event = self._json(data)
         if event is None:
             return
-        if "error" in event and "candidates" not in event:
-            error = event["error"]
-            self.in_band_error = str((error.get("message") if isinstance(error, dict) else error) or "error")
+        if self._took_error(event, "candidates"):
             return
         self._read(event)
 

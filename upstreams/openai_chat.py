@@ -25,7 +25,7 @@ from actors.model import CODE_COMPLETIONS
 from conf.model import OpenAIConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest
-from upstreams.callbase import BufferedCall, at_least_one, usage_count
+from upstreams.callbase import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
     opt_bool,
@@ -88,9 +88,7 @@ class OpenAIChatCall(BufferedCall):
         event = self._json(data)
         if event is None:
             return
-        if "error" in event and "choices" not in event:
-            error = event["error"]
-            self.in_band_error = str((error.get("message") if isinstance(error, dict) else error) or "error")
+        if self._took_error(event, "choices"):
             return
         choices = event.get("choices")
         if isinstance(choices, list):
@@ -109,16 +107,6 @@ class OpenAIChatCall(BufferedCall):
                 text = message.get("content") if isinstance(message, dict) else None
                 self._add_text(text if isinstance(text, str) else "")
         self._read_usage(data.get("usage"))
-
-    def _read_usage(self, usage: Any) -> None:
-        if not isinstance(usage, dict):
-            return
-        prompt = usage_count(usage.get("prompt_tokens"))
-        completion = usage_count(usage.get("completion_tokens"))
-        if prompt is not None:
-            self._usage.prompt_tokens = prompt
-        if completion is not None:
-            self._usage.completion_tokens = completion
 
     def stream_error_event(self, message: str) -> bytes:
         payload = orjson.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
