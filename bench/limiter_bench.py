@@ -6,7 +6,9 @@ Without --redis it starts a throwaway redis-server on an ephemeral port.
 Each request is one acquire (with a concurrency lease) and one release, the
 gateway's hot path. Round trips are counted from the server's INFO
 commandstats (top-level commands only: commands run inside a script are
-listed there too, and are not round trips). Prints figures; never fails.
+listed there too, and are not round trips). CPU per request is this
+process's CPU time (time.process_time), so the redis-server's own work is not
+in it: on a shared machine it is steadier than req/s. Prints figures; never fails.
 """
 
 from __future__ import annotations
@@ -49,15 +51,16 @@ async def _one(limiter: Limiter, rule: LimitRule) -> bool:
     return decision.allowed
 
 
-async def _sequential(limiter: Limiter, requests: int) -> float:
+async def _sequential(limiter: Limiter, requests: int) -> tuple[float, float]:
+    """(requests per second, this process's CPU microseconds per request)."""
     rule = _rule(concurrency=10)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(requests):
         await _one(limiter, rule)
-    return requests / (time.perf_counter() - started)
+    return requests / (time.perf_counter() - started), (time.process_time() - cpu) / requests * 1e6
 
 
-async def _concurrent(limiter: Limiter, requests: int, concurrency: int) -> float:
+async def _concurrent(limiter: Limiter, requests: int, concurrency: int) -> tuple[float, float]:
     rule = _rule(concurrency=concurrency * 2)
     per_worker = requests // concurrency
 
@@ -65,9 +68,10 @@ async def _concurrent(limiter: Limiter, requests: int, concurrency: int) -> floa
         for _ in range(per_worker):
             await _one(limiter, rule)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return per_worker * concurrency / (time.perf_counter() - started)
+    done = per_worker * concurrency
+    return done / (time.perf_counter() - started), (time.process_time() - cpu) / done * 1e6
 
 
 async def _round_trips(client: Any) -> int:
@@ -81,20 +85,26 @@ async def _round_trips(client: Any) -> int:
 
 async def _bench(url: str, requests: int, concurrency: int) -> None:
     memory = MemoryLimiter()
-    seq = await _sequential(memory, requests)
-    conc = await _concurrent(memory, requests, concurrency)
-    print(f"memory   sequential {seq:>10,.0f} req/s   {concurrency} concurrent {conc:>10,.0f} req/s   (1 req = acquire + release)")
+    seq, seq_cpu = await _sequential(memory, requests)
+    conc, conc_cpu = await _concurrent(memory, requests, concurrency)
+    print(
+        f"memory   sequential {seq:>10,.0f} req/s {seq_cpu:6.1f} us CPU/req   "
+        f"{concurrency} concurrent {conc:>10,.0f} req/s {conc_cpu:6.1f} us CPU/req   (1 req = acquire + release)"
+    )
 
     client = connect(url, timeout_ms=1000, max_connections=64)
     try:
         redis_limiter = RedisLimiter(client)
         await redis_limiter.load_scripts()
         before = await _round_trips(client)
-        seq = await _sequential(redis_limiter, requests)
+        seq, seq_cpu = await _sequential(redis_limiter, requests)
         mid = await _round_trips(client)
-        conc = await _concurrent(redis_limiter, requests, concurrency)
+        conc, conc_cpu = await _concurrent(redis_limiter, requests, concurrency)
         after = await _round_trips(client)
-        print(f"redis    sequential {seq:>10,.0f} req/s   {concurrency} concurrent {conc:>10,.0f} req/s")
+        print(
+            f"redis    sequential {seq:>10,.0f} req/s {seq_cpu:6.1f} us CPU/req   "
+            f"{concurrency} concurrent {conc:>10,.0f} req/s {conc_cpu:6.1f} us CPU/req"
+        )
         print(
             f"redis    round trips per acquire+release: sequential {(mid - before) / requests:.2f}, "
             f"concurrent {(after - mid) / (requests // concurrency * concurrency):.2f} "
