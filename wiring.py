@@ -167,6 +167,7 @@ class Gateway:
         await services.limiter.close()
         for client in self.redis_clients:
             await client.aclose()
+        await services.tracing.aclose()
         services.tracing.shutdown()
 
 

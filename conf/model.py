@@ -158,6 +158,13 @@ class EventsConfig:
 class TelemetryConfig:
     trace_policy: str
     otlp_endpoint: str
+    otlp_protocol: str
+    otlp_headers: str
+    otlp_compression: str
+    otlp_timeout_ms: int
+    otlp_batch_size: int
+    otlp_queue_size: int
+    otlp_delay_ms: int
     sentry_dsn: str
     log_level: str
     access_log: bool

@@ -186,6 +186,10 @@ class GatewayMetrics:
             PREFIX + "auth_requests", "Token lookups by deciding source and outcome.",
             ("source", "outcome"), registry=reg,
         )
+        self.trace_spans = Counter(
+            PREFIX + "trace_spans", "Spans handed to the OTLP exporter, by outcome (exported, dropped, failed).",
+            ("outcome",), registry=reg,
+        )
         self.actor_cache = Counter(
             PREFIX + "actor_cache_lookups", "In-process actor cache lookups.", ("result",), registry=reg,
         )
@@ -396,6 +400,10 @@ class GatewayMetrics:
         self.event_backlog.set(stats.get("backlog", 0))
         self.event_spill_pending.set(stats.get("pending_replay", 0))
         self.event_sink_up.set(1 if getattr(logger, "healthy", True) else 0)
+
+    def sample_span_export(self, stats: Any) -> None:
+        for outcome in ("exported", "dropped", "failed"):
+            self.feed_counter(self.trace_spans, (outcome,), getattr(stats, outcome))
 
     def sample_actor_cache(self, stats: Any) -> None:
         self.feed_counter(self.actor_cache, ("hit",), stats.hits)

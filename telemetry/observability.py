@@ -397,6 +397,9 @@ class Observability(Observer):
         stats = getattr(services.actors, "stats", None)
         if stats is not None:
             metrics.add_sampler(lambda: metrics.sample_actor_cache(stats))
+        exporter = getattr(services.tracing, "exporter", None)
+        if exporter is not None:
+            metrics.add_sampler(lambda: metrics.sample_span_export(exporter.stats))
         failover = getattr(getattr(services.limiter, "stats", None), "in_outage", None)
         if failover is not None:
             metrics.add_sampler(lambda: metrics.sample_failover(services.limiter.stats))

@@ -6,6 +6,8 @@ and ``X-Span`` (the runbook's alias). With trace policy ``none`` (or
 but ids are still minted so responses, logs and events stay correlatable.
 Spans are also not recorded when nothing would receive them (no OTLP
 endpoint and no extra processor): building spans nobody exports is pure cost.
+Export is telemetry/otlp_export.py: OTLP/HTTP (JSON by default) posted from
+the event loop, not the SDK's exporter thread.
 
 The request span is made current in the request's own asyncio task, so log
 lines and child spans created anywhere below the handler find it without
@@ -30,11 +32,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from conf.model import TelemetryConfig
+from telemetry.otlp_export import LoopSpanExporter, parse_headers
 
 SERVICE_NAME = "cody-gateway"
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -84,19 +86,19 @@ class Tracing:
             resource=Resource.create({"service.name": SERVICE_NAME, "service.version": version})
         )
         exporting = False
+        self.exporter: LoopSpanExporter | None = None
         if config.otlp_endpoint:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            # Batch size, queue and delay follow the SDK's OTEL_BSP_* variables.
-            # Small batches: the exporter encodes a batch in Python while holding the
-            # GIL, and a 512-span batch stalled the event loop for tens of ms.
-            self.provider.add_span_processor(
-                BatchSpanProcessor(
-                    OTLPSpanExporter(endpoint=otlp_traces_url(config.otlp_endpoint)),
-                    max_export_batch_size=64,
-                    schedule_delay_millis=500,
-                )
+            self.exporter = LoopSpanExporter(
+                otlp_traces_url(config.otlp_endpoint),
+                protocol=config.otlp_protocol,
+                headers=parse_headers(config.otlp_headers),
+                compression=config.otlp_compression,
+                timeout_s=config.otlp_timeout_ms / 1000,
+                batch_size=config.otlp_batch_size,
+                queue_size=config.otlp_queue_size,
+                delay_s=config.otlp_delay_ms / 1000,
             )
+            self.provider.add_span_processor(self.exporter)
             exporting = True
         for processor in extra_processors or []:
             self.provider.add_span_processor(processor)
@@ -207,6 +209,11 @@ class Tracing:
 
     def force_flush(self, timeout_ms: int = 5000) -> bool:
         return self.provider.force_flush(timeout_ms)
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Post the spans still queued, from the loop, before ``shutdown``."""
+        if self.exporter is not None:
+            await self.exporter.aclose(timeout_s)
 
     def shutdown(self) -> None:
         self.provider.shutdown()

@@ -23,6 +23,7 @@ from telemetry.logs import JsonFormatter
 from tests.conftest import TOKEN_A, TOKEN_B, actor, limits
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.processes import wait_until
 
 MODEL = "claude-3-haiku-20240307"
@@ -200,54 +201,33 @@ def test_trace_id_reaches_the_usage_event_and_the_log_lines(gw: InProcessGateway
     assert "SECRET-PROMPT-TEXT" not in text and TOKEN_A not in text
 
 
-class _OtlpReceiver:
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                receiver.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def spans(self) -> list[Any]:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        out = []
-        for body in list(self.bodies):
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            for resource_spans in request.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    out += list(scope_spans.spans)
-        return out
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-def test_spans_are_exported_over_otlp(observed_gateway: Callable[..., InProcessGateway]) -> None:
-    receiver = _OtlpReceiver()
+@pytest.mark.parametrize("protocol", ["http/json", "http/protobuf"])
+def test_spans_are_exported_over_otlp(observed_gateway: Callable[..., InProcessGateway], protocol: str) -> None:
+    receiver = OtlpReceiver()
     try:
-        gw = observed_gateway(ACTORS, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+        gw = observed_gateway(
+            ACTORS, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+        )
         response = post(gw, "hello fake:tokens=4")
         assert response.status_code == 200
         assert gw.tracing.force_flush()
+        expected = "application/json" if protocol == "http/json" else "application/x-protobuf"
+        assert {headers["content-type"] for headers, _ in receiver.posts} == {expected}
         trace_id = bytes.fromhex(response.headers["X-Trace"])
-        names = {s.name for s in receiver.spans() if s.trace_id == trace_id}
-        assert {SERVER_SPAN, f"chat {MODEL}"} <= names
+        spans = [s for s in receiver.spans() if s.trace_id == trace_id]
+        names = {s.name for s in spans}
+        assert {SERVER_SPAN, f"chat {MODEL}", "Sources.Get", "actor.Limiter.TryAcquire"} <= names
+        server = next(s for s in spans if s.name == SERVER_SPAN)
+        assert server.span_id == bytes.fromhex(response.headers["X-Trace-Span"])
+        assert server.kind == 2  # SPAN_KIND_SERVER
+        upstream = next(s for s in spans if s.name == f"chat {MODEL}")
+        assert upstream.parent_span_id == server.span_id and upstream.kind == 3  # SPAN_KIND_CLIENT
+        attributes = {a.key: a.value for a in upstream.attributes}
+        assert attributes["gen_ai.request.model"].string_value == MODEL
+        assert attributes["gen_ai.usage.output_tokens"].int_value == 4
+        metrics = httpx.get(gw.base_url + "/metrics", timeout=10).text
+        exported = [line for line in metrics.splitlines() if line.startswith('cody_gateway_trace_spans_total{outcome="exported"}')]
+        assert exported and float(exported[0].split()[-1]) >= len(spans)
     finally:
         receiver.stop()
 
