@@ -193,10 +193,12 @@ def gateway_env(workdir: Path, fake_url: str, *, redis_url: str, otlp_url: str, 
         "CODY_GATEWAY_TELEMETRY_ACCESS_LOG": "true",
         "CODY_GATEWAY_DIAGNOSTICS_SECRET": "bench-diagnostics",
         "CODY_GATEWAY_PROCESSES": str(processes),
-        # Prometheus multiprocess mode needs a directory shared by the workers.
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
     }
-    (workdir / "prometheus").mkdir(exist_ok=True)
+    if processes > 1:
+        # Multiprocess mode needs a directory shared by the workers; one process
+        # keeps prometheus-client's in-memory values, as in production.
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "prometheus")
+        (workdir / "prometheus").mkdir(exist_ok=True)
     if redis_url:
         env["CODY_GATEWAY_REDIS_ENDPOINT"] = redis_url
     if otlp_url:

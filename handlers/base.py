@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -54,6 +55,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.token = ""
         self._finalized = False
         self._counted = True
+        # Telemetry that can wait until the response is out (see after_response).
+        self._after_response: list[Callable[[], None]] = []
         services.in_flight += 1
 
     # -- lifecycle -----------------------------------------------------------
@@ -91,8 +94,19 @@ class BaseHandler(tornado.web.RequestHandler):
             self._finalized = True
             self.finalize()
 
+    def after_response(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the response has been written, before the request span ends.
+
+        For work the client need not wait for (metrics, span attributes);
+        the usage event is not such work: it is journaled before the last byte.
+        """
+        self._after_response.append(callback)
+
     def on_finish(self) -> None:
         self._finalize_once()
+        for callback in self._after_response:
+            callback()
+        self._after_response.clear()
         if self._counted:
             self._counted = False
             self.services.in_flight -= 1

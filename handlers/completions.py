@@ -420,7 +420,7 @@ class CompletionsHandler(UpstreamHandler):
         self.record_event(ev.Event(ev.COMPLETIONS_FINISHED, actor.source, actor.id, metadata))
         hook = self.services.extras.get("on_completion_finished")
         if hook is not None:
-            hook(self, usage)
+            self.after_response(lambda: hook(self, usage))
 
 
 def connection_named(headers: HTTPHeaders) -> frozenset[str]:

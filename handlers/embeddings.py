@@ -286,7 +286,7 @@ class EmbeddingsHandler(UpstreamHandler):
         self.record_event(ev.Event(ev.EMBEDDINGS_FINISHED, actor.source, actor.id, metadata))
         hook = self.services.extras.get("on_embeddings_finished")
         if hook is not None:
-            hook(self, metadata)
+            self.after_response(lambda: hook(self, metadata))
 
 
 def parse_input(value: Any) -> list[str] | list[list[int]]:
