@@ -210,6 +210,7 @@ class LoopSpanExporter(SpanProcessor):
         self._held = 0  # spans inside those posts (retries included)
         self._flush_scheduled = False
         self._draining = False  # a flush of everything asked for and not finished yet
+        self._posts: set[asyncio.Future[None]] = set()  # strong references: the loop keeps only weak ones
         self._waiters: list[threading.Event] = []  # force_flush calls waiting for the queue to drain
         self._closed = False
         self._timer = self._loop.call_later(self._delay_s, self._tick)
@@ -297,8 +298,9 @@ class LoopSpanExporter(SpanProcessor):
                 continue
             self._in_flight += 1
             self._held += len(batch)
-            future = asyncio.ensure_future(self._post(body, len(batch)))
-            future.add_done_callback(lambda _: None)
+            task = asyncio.ensure_future(self._post(body, len(batch)))
+            self._posts.add(task)
+            task.add_done_callback(self._post_done)
         self._draining = everything and bool(self._queue)
         self._notify_if_idle()
 
@@ -347,6 +349,11 @@ class LoopSpanExporter(SpanProcessor):
         if response.code == 599:
             return 599, type(response.error).__name__ if response.error else "no response"
         return response.code, f"HTTP {response.code}"
+
+    def _post_done(self, task: asyncio.Future[None]) -> None:
+        self._posts.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("OTLP export task failed", exc_info=task.exception())
 
     def _flush_then_signal(self, done: threading.Event) -> None:
         self._waiters.append(done)
