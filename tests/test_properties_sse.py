@@ -151,6 +151,43 @@ def test_garbage_between_events_does_not_eat_later_events(before: bytes, garbage
     assert (b"message_delta", b'{"usage":{"output_tokens":7}}') in events
 
 
+# Whole events in the shapes providers send, which the parser dispatches without
+# going line by line when it is between events, mixed with shapes that must
+# take the general path (comments, several data lines, no data, extra blank lines).
+_NAME = st.sampled_from([b"content_block_delta", b"message_delta", b"", b" padded ", b"a:b", b"error"])
+
+
+@st.composite
+def provider_events(draw: st.DrawFn) -> bytes:
+    value = draw(_VALUE)
+    kind = draw(st.integers(0, 7))
+    if kind <= 2:
+        return b"data: " + value + b"\n\n"
+    if kind <= 4:
+        return b"event: " + draw(_NAME) + b"\ndata: " + value + b"\n\n"
+    if kind == 5:
+        return b"event: " + draw(_NAME) + b"\ndata: " + value + b"\ndata: " + draw(_VALUE) + b"\n\n"
+    if kind == 6:
+        return draw(st.sampled_from([b": ping\n\n", b"\n", b"event: x\n\n", b"data:" + value + b"\n\n"]))
+    return draw(lines())
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pieces=st.lists(provider_events(), max_size=30),
+    cuts=_CUTS,
+    max_bytes=st.sampled_from([8, 24, 1 << 20]),
+)
+@counted("sse: whole provider-shaped events vs oracle")
+def test_whole_events_in_any_chunking_give_the_oracles_events(pieces: list[bytes], cuts: list[int], max_bytes: int) -> None:
+    stream = b"".join(pieces)
+    expected = oracle(stream, max_bytes)
+    assert run(split(stream, cuts), max_bytes) == expected
+    # One chunk per event, as paced providers write them, and all in one chunk, as unpaced ones do.
+    assert run(pieces, max_bytes) == expected
+    assert run([stream], max_bytes) == expected
+
+
 def test_crlf_split_across_chunks_is_one_line_end() -> None:
     events, _ = run([b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"], 1024)
     assert events == [(b"", b"a\nb")]

@@ -19,6 +19,7 @@ EventHandler = Callable[[bytes, bytes], None]
 
 _LF = b"\n"
 _CR = b"\r"
+_BLANK = b"\n\n"
 
 
 class SSEParser:
@@ -57,6 +58,15 @@ class SSEParser:
         if _CR in chunk:
             self._after_cr = chunk[-1:] == _CR
             chunk = chunk.replace(b"\r\n", _LF).replace(_CR, _LF)
+        if not (self._parts or self._data or self._event or self._skip_line or self._skip_event):
+            # Between events (the usual state: providers write whole events):
+            # everything up to the last blank line goes event by event.
+            end = chunk.rfind(_BLANK)
+            if end >= 0:
+                self._events(chunk[:end])
+                chunk = chunk[end + 2 :]
+                if not chunk:
+                    return
         lines = chunk.split(_LF)
         tail = lines.pop()
         if lines:
@@ -83,6 +93,32 @@ class SSEParser:
             else:
                 self._parts.append(tail)
                 self._parts_len += len(tail)
+
+    def _events(self, head: bytes) -> None:
+        """Whole events, each followed by a blank line; the state is clean before each.
+
+        The two shapes providers send (``data:`` alone, or ``event:`` then
+        ``data:``) are dispatched without going line by line; anything else
+        (comments, ids, several data lines, oversized) takes the general path,
+        so the result is the same as feeding the lines one by one.
+        """
+        on_event = self._on_event
+        for block in head.split(_BLANK):
+            if len(block) <= self._max:
+                if block.startswith(b"data: "):
+                    if _LF not in block:
+                        self.events += 1
+                        on_event(b"", block[6:])
+                        continue
+                elif block.startswith(b"event: "):
+                    nl = block.find(_LF)
+                    if nl > 0 and block.startswith(b"data: ", nl + 1) and block.find(_LF, nl + 1) < 0:
+                        self.events += 1
+                        on_event(block[7:nl].strip(), block[nl + 7 :])
+                        continue
+            for line in block.split(_LF):
+                self._line(line)
+            self._line(b"")
 
     def close(self) -> None:
         """End of stream: a final event without its blank line still counts."""
