@@ -21,7 +21,7 @@ import orjson
 
 from conf.model import AnthropicConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.callbase import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
@@ -121,7 +121,7 @@ class AnthropicLegacyProvider:
         upstream["metadata"] = {"user_id": identifier}
 
         return AnthropicLegacyCall(
-            UpstreamRequest(url=self._url, headers=self._headers, body=orjson.dumps(upstream)),
+            UpstreamRequest(url=self._url, headers=self._headers, body=json_body(upstream)),
             CallInfo(
                 model=model,
                 stream=stream,

@@ -18,7 +18,7 @@ import orjson
 
 from conf.model import AnthropicConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.callbase import BufferedCall, usage_count
 from upstreams.decode import (
     known_fields,
@@ -186,7 +186,7 @@ class AnthropicMessagesProvider:
 
         prompt_chars = sum(len(_joined_text(m["content"])) for m in messages) + len(system)
         call = AnthropicMessagesCall(
-            UpstreamRequest(url=self._url, headers=self._headers, body=orjson.dumps(upstream)),
+            UpstreamRequest(url=self._url, headers=self._headers, body=json_body(upstream)),
             CallInfo(
                 model=model,
                 stream=stream,

@@ -12,12 +12,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import orjson
-
 from conf.model import OpenAIConfig, UpstreamConfig
 from errors import BadRequest
 from upstreams import transport as tp
-from upstreams.base import UpstreamRequest
+from upstreams.base import UpstreamRequest, json_body
 from upstreams.embeddings import (
     OPENAI,
     OPENAI_SHORTENABLE_PREFIX,
@@ -68,7 +66,7 @@ class OpenAIEmbeddingsClient:
         body: dict[str, Any] = {"model": request.model.upstream_name, "input": request.inputs, "user": request.user}
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
-        return UpstreamRequest(self.url, self._headers, orjson.dumps(body))
+        return UpstreamRequest(self.url, self._headers, json_body(body))
 
     async def embed(self, request: EmbeddingsRequest, exchange: Exchange) -> EmbeddingsResult:
         upstream = self.upstream_request(request)

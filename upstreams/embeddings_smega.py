@@ -13,11 +13,9 @@ import random
 import uuid
 from typing import Any
 
-import orjson
-
 from conf.model import SourcegraphEmbeddingsConfig
 from upstreams import transport as tp
-from upstreams.base import UpstreamRequest
+from upstreams.base import UpstreamRequest, json_body
 from upstreams.embeddings import (
     SMEGA_DIMENSIONS,
     SOURCEGRAPH,
@@ -66,7 +64,7 @@ class SmegaEmbeddingsClient:
             "id": str(uuid.uuid4()),
             "inputs": [{"name": "TEXT", "shape": [len(texts)], "datatype": "BYTES", "data": list(texts)}],
         }
-        return UpstreamRequest(self.url, self._headers, orjson.dumps(body))
+        return UpstreamRequest(self.url, self._headers, json_body(body))
 
     async def embed(self, request: EmbeddingsRequest, exchange: Exchange) -> EmbeddingsResult:
         upstream = self.upstream_request(request)

@@ -26,7 +26,7 @@ import orjson
 from actors.model import CHAT_COMPLETIONS
 from conf.model import FireworksConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.callbase import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
@@ -270,7 +270,7 @@ class FireworksProvider:
             UpstreamRequest(
                 url=self._chat_url if feature == CHAT_COMPLETIONS else self._text_url,
                 headers=self._traced_headers if traced else self._headers,
-                body=orjson.dumps(upstream),
+                body=json_body(upstream),
             ),
             CallInfo(model=model, stream=stream, metadata={"stream": stream}, max_tokens=max_tokens),
             FlagInput(model=unresolved, prompt=flat, max_tokens=max_tokens or 0, uses_tokenizer=False),

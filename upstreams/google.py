@@ -28,7 +28,7 @@ import orjson
 
 from conf.model import GoogleConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.callbase import BufferedCall, at_least_one, usage_count
 from upstreams.decode import (
     known_fields,
@@ -208,7 +208,7 @@ class GoogleProvider:
         prompt = "".join(text + "\n" for text in texts)
         max_tokens = generation.get("maxOutputTokens")
         return GoogleCall(
-            UpstreamRequest(url=self.url(model, stream), headers=self._headers, body=orjson.dumps(upstream)),
+            UpstreamRequest(url=self.url(model, stream), headers=self._headers, body=json_body(upstream)),
             CallInfo(model=model, stream=stream, metadata={"stream": stream}, max_tokens=max_tokens),
             FlagInput(model=model, prompt=prompt, max_tokens=max_tokens or 0, uses_tokenizer=False),
             prompt_chars=len(prompt),

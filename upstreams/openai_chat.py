@@ -24,7 +24,7 @@ import orjson
 from actors.model import CODE_COMPLETIONS
 from conf.model import OpenAIConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest
+from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.callbase import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
@@ -183,7 +183,7 @@ class OpenAIChatProvider:
         prompt = "".join(text + "\n" for text in texts)
         limit = max_completion_tokens if max_completion_tokens is not None else max_tokens
         return OpenAIChatCall(
-            UpstreamRequest(url=self._url, headers=self._headers, body=orjson.dumps(upstream)),
+            UpstreamRequest(url=self._url, headers=self._headers, body=json_body(upstream)),
             CallInfo(model=model, stream=stream, metadata={"stream": stream}, max_tokens=limit),
             FlagInput(model=model, prompt=prompt, max_tokens=limit or 0, uses_tokenizer=False),
             prompt_chars=sum(len(t) for t in texts),
