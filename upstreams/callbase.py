@@ -138,8 +138,12 @@ class BufferedCall:
         if not text:
             self._usage.completion_chars = self._usage.completion_chars or 0
             return
-        self._usage.completion_chars = (self._usage.completion_chars or 0) + len(text)
-        if self._text_len < MAX_TEXT_FOR_TOKENIZER:
+        usage = self._usage
+        usage.completion_chars = (usage.completion_chars or 0) + len(text)
+        # The text only feeds the tokenizer fallback, which never runs once the
+        # provider reported completion tokens (a reported count is never taken
+        # back): from then on it would only hold memory for the stream's life.
+        if usage.completion_tokens is None and self._text_len < MAX_TEXT_FOR_TOKENIZER:
             self._text.append(text)
             self._text_len += len(text)
 
