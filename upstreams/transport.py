@@ -76,22 +76,6 @@ class AbortFlag:
         return 1 if self.set_ else 0
 
 
-class _Watched:
-    """One live attempt as the stall sweep sees it."""
-
-    __slots__ = ("abort", "last_data_at", "stalled")
-
-    def __init__(self, abort: AbortFlag) -> None:
-        self.abort = abort
-        self.last_data_at: float | None = None
-        self.stalled = False
-
-    def progress(self, *_: Any) -> int:
-        """curl XFERINFOFUNCTION: non-zero aborts the transfer."""
-        abort = self.abort
-        return 1 if abort.set_ or abort.rejected is not None or self.stalled else 0
-
-
 class Transport:
     """Upstream attempts, plus one sweep a second that aborts stalled streams.
 
@@ -105,14 +89,14 @@ class Transport:
     def __init__(self, client: AsyncHTTPClient, config: UpstreamConfig) -> None:
         self._client = client
         self._config = config
-        self._live: set[_Watched] = set()
+        self._live: set[_Exchange] = set()
         self._sweeper: PeriodicCallback | None = None
 
     def _sweep(self) -> None:
         deadline = time.monotonic() - self._config.stall_timeout_s
-        for watched in self._live:
-            if watched.last_data_at is not None and watched.last_data_at < deadline:
-                watched.stalled = True
+        for exchange in self._live:
+            if exchange.last_data_at is not None and exchange.last_data_at < deadline:
+                exchange.stalled = True
 
     async def send(
         self,
@@ -123,58 +107,27 @@ class Transport:
         on_headers: Callable[[int, HTTPHeaders], None],
         on_chunk: Callable[[bytes], None],
     ) -> Attempt:
-        attempt = Attempt()
-        stall_s = self._config.stall_timeout_s
-        watched = _Watched(abort)
-        parsed = _HeaderParser(watched)
+        exchange = _Exchange(abort, on_headers, on_chunk, self._config.stall_timeout_s)
+        attempt = exchange.attempt
         if self._sweeper is None:
             self._sweeper = PeriodicCallback(self._sweep, 1000)
             self._sweeper.start()
-
-        def dispatch_headers() -> None:
-            # Runs on the IOLoop. curl can deliver a small response's body before
-            # Tornado's queued header callbacks run, so headers are parsed
-            # synchronously inside curl (pure data, no application code) and
-            # handed over here, always before the first chunk.
-            if parsed.complete and attempt.status is None:
-                attempt.status = parsed.status
-                attempt.headers = parsed.headers
-                attempt.first_byte_at = time.monotonic()
-                on_headers(parsed.status, parsed.headers)
-
-        def chunk(data: bytes) -> None:
-            watched.last_data_at = time.monotonic()
-            if attempt.status is None:
-                dispatch_headers()
-            on_chunk(data)
-
-        def prepare(curl: pycurl.Curl) -> None:
-            # libcurl keeps a 64 KB upload buffer per handle by default; request
-            # bodies are small, and with thousands of open streams it was 40% of
-            # the memory per stream.
-            curl.setopt(pycurl.UPLOAD_BUFFERSIZE, 16384)
-            curl.setopt(pycurl.HEADERFUNCTION, parsed.feed)
-            curl.setopt(pycurl.NOPROGRESS, 0)
-            curl.setopt(pycurl.XFERINFOFUNCTION, watched.progress)
-            # A backstop only: the sweep above is the precise stall detector.
-            curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-            curl.setopt(pycurl.LOW_SPEED_TIME, stall_s * 2)
-
         http_request = HTTPRequest(
             request.url,
             method="POST",
-            headers=dict(request.headers),
+            # Tornado copies these into its own HTTPHeaders; no copy needed here.
+            headers=request.headers,  # type: ignore[arg-type]
             body=request.body,
             connect_timeout=self._config.connect_timeout_s,
             request_timeout=timeout_s,
-            streaming_callback=chunk,
-            prepare_curl_callback=prepare,
+            streaming_callback=exchange.chunk,
+            prepare_curl_callback=exchange.prepare,
             decompress_response=False,
             follow_redirects=False,
             allow_nonstandard_methods=True,
         )
         error: Exception | None
-        self._live.add(watched)
+        self._live.add(exchange)
         try:
             response = await self._client.fetch(http_request, raise_error=False)
         except CurlError as exc:
@@ -184,9 +137,9 @@ class Transport:
         else:
             error = response.error
         finally:
-            self._live.discard(watched)
+            self._live.discard(exchange)
         attempt.ended_at = time.monotonic()
-        dispatch_headers()
+        exchange.dispatch_headers()
         if abort.rejected is not None and not abort.set_:
             # Refused by the gateway, whether or not curl finished the transfer first.
             attempt.outcome = REJECTED
@@ -198,7 +151,7 @@ class Transport:
                 attempt.headers = HTTPHeaders()
                 on_headers(response.code, attempt.headers)
             return attempt
-        if watched.stalled:
+        if exchange.stalled:
             attempt.outcome = STALL
         elif abort.set_:
             attempt.outcome = CLIENT_GONE
@@ -209,18 +162,58 @@ class Transport:
         attempt.message = str(error)
         return attempt
 
-class _HeaderParser:
-    """Collects the final response's status and headers (1xx blocks are skipped)."""
 
-    __slots__ = ("status", "headers", "complete", "_watched")
+class _Exchange:
+    """One live attempt: curl's callbacks, the response head as parsed, and what the stall sweep sees.
 
-    def __init__(self, watched: _Watched) -> None:
+    One slotted object with bound methods instead of closures and helper
+    objects per attempt: thousands of streams stay open at once, and each
+    closure cell and instance dict was memory held for a stream's whole life.
+    """
+
+    __slots__ = (
+        "_on_chunk", "_on_headers", "_stall_s", "abort", "attempt", "complete", "headers",
+        "last_data_at", "stalled", "status",
+    )
+
+    def __init__(
+        self,
+        abort: AbortFlag,
+        on_headers: Callable[[int, HTTPHeaders], None],
+        on_chunk: Callable[[bytes], None],
+        stall_s: float,
+    ) -> None:
+        self.abort = abort
+        self.attempt = Attempt()
+        self._on_headers = on_headers
+        self._on_chunk = on_chunk
+        self._stall_s = stall_s
+        self.last_data_at: float | None = None
+        self.stalled = False
+        # The final response's status line and headers (1xx blocks are skipped).
         self.status = 0
-        self.headers = HTTPHeaders()
+        self.headers: HTTPHeaders | None = None
         self.complete = False
-        self._watched = watched
 
-    def feed(self, raw: bytes) -> None:
+    def prepare(self, curl: pycurl.Curl) -> None:
+        # libcurl keeps a 64 KB upload buffer per handle by default; request
+        # bodies are small, and with thousands of open streams it was 40% of
+        # the memory per stream. 16 KB is the least libcurl accepts.
+        curl.setopt(pycurl.UPLOAD_BUFFERSIZE, 16384)
+        curl.setopt(pycurl.HEADERFUNCTION, self.header_line)
+        curl.setopt(pycurl.NOPROGRESS, 0)
+        curl.setopt(pycurl.XFERINFOFUNCTION, self.progress)
+        # A backstop only: the sweep is the precise stall detector.
+        curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+        curl.setopt(pycurl.LOW_SPEED_TIME, self._stall_s * 2)
+
+    def progress(self, *_: Any) -> int:
+        """curl XFERINFOFUNCTION: non-zero aborts the transfer."""
+        abort = self.abort
+        return 1 if abort.set_ or abort.rejected is not None or self.stalled else 0
+
+    def header_line(self, raw: bytes) -> None:
+        """curl HEADERFUNCTION: pure data, no application code (it runs inside curl)."""
         line = raw.decode("latin1").rstrip("\r\n")
         if line.startswith("HTTP/"):
             parts = line.split(" ", 2)
@@ -228,6 +221,8 @@ class _HeaderParser:
             self.headers = HTTPHeaders()
             self.complete = False
         elif line:
+            if self.headers is None:
+                self.headers = HTTPHeaders()
             try:
                 self.headers.parse_line(line)
             except Exception:  # a garbled upstream header line is dropped, not fatal
@@ -235,7 +230,26 @@ class _HeaderParser:
         elif self.status >= 200:
             self.complete = True
             # The headers count as data for the stall sweep.
-            self._watched.last_data_at = time.monotonic()
+            self.last_data_at = time.monotonic()
+
+    def dispatch_headers(self) -> None:
+        # Runs on the IOLoop. curl can deliver a small response's body before
+        # Tornado's queued header callbacks run, so headers are parsed
+        # synchronously inside curl and handed over here, always before the
+        # first chunk.
+        attempt = self.attempt
+        if self.complete and attempt.status is None:
+            attempt.status = self.status
+            attempt.headers = self.headers if self.headers is not None else HTTPHeaders()
+            attempt.first_byte_at = time.monotonic()
+            self._on_headers(self.status, attempt.headers)
+
+    def chunk(self, data: bytes) -> None:
+        """Tornado's streaming_callback, on the IOLoop."""
+        self.last_data_at = time.monotonic()
+        if self.attempt.status is None:
+            self.dispatch_headers()
+        self._on_chunk(data)
 
 
 def _classify(error: CurlError, attempt: Attempt) -> str:
