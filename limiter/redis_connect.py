@@ -9,6 +9,10 @@ Accepted endpoints:
 
 The client does no I/O until its first command. Whoever calls ``connect``
 owns the client and closes it with ``await client.aclose()``.
+
+``lean_client`` turns a single-node client from ``connect`` into the
+limiter's own RESP2 client (limiter/resp.py) for the same server, database,
+credentials, TLS settings and timeout.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import RedisSSLContext, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from limiter.resp import RespAddress, RespClient
 
 _SINGLE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -123,3 +130,44 @@ def connect(endpoint: str, *, timeout_ms: int, max_connections: int) -> Redis | 
         f"unsupported Redis endpoint scheme {scheme!r}: "
         "use redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
     )
+
+
+def lean_client(client: Redis) -> RespClient:
+    """A RespClient for the server ``client`` (a single-node redis.asyncio.Redis) talks to.
+
+    Reading redis-py's parsed connection settings, rather than the URL again,
+    keeps one parser of endpoint URLs. TLS uses redis-py's own context builder
+    with SSLConnection's defaults (certificate required, hostname checked), so
+    verification is the same as on redis-py's connections.
+    """
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    if kwargs.get("credential_provider") is not None:
+        raise ValueError("the limiter's Redis client supports a username and password, not a credential provider")
+    ssl_context = None
+    if issubclass(pool.connection_class, SSLConnection):
+        ssl_context = RedisSSLContext(
+            keyfile=kwargs.get("ssl_keyfile"),
+            certfile=kwargs.get("ssl_certfile"),
+            cert_reqs=kwargs.get("ssl_cert_reqs", "required"),
+            include_verify_flags=kwargs.get("ssl_include_verify_flags"),
+            exclude_verify_flags=kwargs.get("ssl_exclude_verify_flags"),
+            ca_certs=kwargs.get("ssl_ca_certs"),
+            ca_data=kwargs.get("ssl_ca_data"),
+            ca_path=kwargs.get("ssl_ca_path"),
+            check_hostname=kwargs.get("ssl_check_hostname", True),
+            min_version=kwargs.get("ssl_min_version"),
+            ciphers=kwargs.get("ssl_ciphers"),
+            password=kwargs.get("ssl_password"),
+        ).get()
+    address = RespAddress(
+        host=kwargs.get("host", "localhost"),
+        port=int(kwargs.get("port", 6379)),
+        path=kwargs["path"] if issubclass(pool.connection_class, UnixDomainSocketConnection) else None,
+        db=int(kwargs.get("db", 0)),
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        ssl_context=ssl_context,
+    )
+    timeout_s = kwargs.get("socket_timeout") or 5.0
+    return RespClient(address, timeout_s=timeout_s, connect_timeout_s=kwargs.get("socket_connect_timeout") or timeout_s)

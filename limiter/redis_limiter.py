@@ -6,9 +6,14 @@ Redis Cluster serves them from one slot. Scripts are called by SHA and
 loaded again when the server answers NOSCRIPT (restart, SCRIPT FLUSH,
 failover to a replica that never saw them).
 
-The client is closed by ``close()`` only when ``owns_client`` is set: a
-client shared with the actor cache or the notifier is closed by whoever
-created it (see limiter/redis_connect.py).
+On a single node the commands go through the limiter's own pipelined RESP2
+client (limiter/resp.py), built from the redis-py client's settings: all the
+EVALSHAs of one loop iteration leave in one write. On Redis Cluster they go
+through redis-py's cluster client, one command at a time.
+
+The redis-py client is closed by ``close()`` only when ``owns_client`` is
+set: a client shared with the actor cache or the notifier is closed by
+whoever created it (see limiter/redis_connect.py).
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import hashlib
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from limiter import scripts
 from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, LimitRule, LimitStatus
+from limiter.redis_connect import lean_client
+from limiter.resp import RespClient
 
 KEY_PREFIX = "rate_limit:"
 
@@ -62,62 +70,13 @@ class RedisLimiterStats:
     script_loads: int = 0
 
 
-class _Batcher:
-    """Sends the EVALSHAs issued during one loop iteration as one pipeline.
+class _Store(Protocol):
+    """The few commands the limiter sends: RespClient on one node, redis-py's RedisCluster on a cluster."""
 
-    Under load many requests reach the limiter in the same iteration; one
-    write and one read for all of them costs far less than a round trip each
-    through redis-py's per-command path. A lone call goes straight through.
-    A caller that gave up (timeout) simply finds its future cancelled.
-    redis-py refuses EVALSHA in a cluster pipeline, so on a cluster every call
-    goes straight through.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self._direct = isinstance(client, RedisCluster)
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def evalsha(self, *args: Any) -> Awaitable[Any]:
-        if self._direct:
-            return self._client.evalsha(*args)  # type: ignore[no-any-return]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._send)
-        self._pending.append((args, future))
-        return future
-
-    def _send(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._run(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        try:
-            if len(batch) == 1:
-                results: list[Any] = [await self._client.evalsha(*batch[0][0])]
-            else:
-                pipe = self._client.pipeline(transaction=False)
-                for args, _ in batch:
-                    pipe.evalsha(*args)
-                results = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), result in zip(batch, results):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Awaitable[Any]: ...
+    def script_load(self, source: str) -> Awaitable[Any]: ...
+    def delete(self, *keys: str) -> Awaitable[Any]: ...
+    def ping(self) -> Awaitable[Any]: ...
 
 
 class _Script:
@@ -127,9 +86,8 @@ class _Script:
     script once: the first loads it, the others wait and retry.
     """
 
-    def __init__(self, client: Any, source: str, stats: RedisLimiterStats, batcher: _Batcher) -> None:
-        self._client = client
-        self._batcher = batcher
+    def __init__(self, store: _Store, source: str, stats: RedisLimiterStats) -> None:
+        self._store = store
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
         self._stats = stats
@@ -140,18 +98,18 @@ class _Script:
         seen = self._loads
         async with self._load_lock:
             if seen == self._loads:
-                self._sha = await self._client.script_load(self._source)
+                self._sha = await self._store.script_load(self._source)
                 self._loads += 1
                 self._stats.script_loads += 1
 
     async def __call__(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         self._stats.script_calls += 1
         try:
-            return await self._batcher.evalsha(self._sha, len(keys), *keys, *args)
+            return await self._store.evalsha(self._sha, len(keys), *keys, *args)
         except NoScriptError:
             self._stats.noscript_replies += 1
             await self.load()
-            return await self._batcher.evalsha(self._sha, len(keys), *keys, *args)
+            return await self._store.evalsha(self._sha, len(keys), *keys, *args)
 
 
 def _ms(seconds: float) -> str:
@@ -173,14 +131,28 @@ def _denied_invalid(rule: LimitRule) -> Decision:
 
 
 class RedisLimiter:
-    def __init__(self, client: Any, *, owns_client: bool = False) -> None:
+    """The limiter on a redis-py client from limiter/redis_connect.py.
+
+    On a single node the client only says where Redis is: every command goes
+    through a RespClient built from its settings (see limiter/resp.py for
+    why), which this limiter owns and closes. A RedisCluster is used as is.
+    """
+
+    def __init__(self, client: Redis | RedisCluster, *, owns_client: bool = False) -> None:
         self._client = client
         self._owns_client = owns_client
+        self._lean: RespClient | None = None
+        store: _Store
+        if isinstance(client, RedisCluster):
+            # EVALSHAs cannot be pipelined through redis-py's cluster client; each goes on its own.
+            store = client
+        else:
+            store = self._lean = lean_client(client)
+        self._store = store
         self.stats = RedisLimiterStats()
-        batcher = _Batcher(client)
-        self._acquire = _Script(client, scripts.ACQUIRE, self.stats, batcher)
-        self._release = _Script(client, scripts.RELEASE, self.stats, batcher)
-        self._status = _Script(client, scripts.STATUS, self.stats, batcher)
+        self._acquire = _Script(store, scripts.ACQUIRE, self.stats)
+        self._release = _Script(store, scripts.RELEASE, self.stats)
+        self._status = _Script(store, scripts.STATUS, self.stats)
 
     async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
         if rule.limit <= 0 or rule.interval_s <= 0:
@@ -280,7 +252,7 @@ class RedisLimiter:
     async def reset(self, bucket: str, feature: str) -> None:
         # Usage only: the lease set belongs to requests still in flight.
         bucket_key, tokens_key, _ = bucket_keys(bucket, feature)
-        await self._client.delete(bucket_key, tokens_key)
+        await self._store.delete(bucket_key, tokens_key)
 
     async def load_scripts(self) -> None:
         """Load every script once at start, so the first requests pay no NOSCRIPT."""
@@ -289,8 +261,10 @@ class RedisLimiter:
 
     async def ping(self) -> None:
         """One cheap round trip, used by the failover wrapper to see Redis come back."""
-        await self._client.ping()
+        await self._store.ping()
 
     async def close(self) -> None:
+        if self._lean is not None:
+            await self._lean.close()
         if self._owns_client:
             await self._client.aclose()

@@ -51,10 +51,11 @@ class Backend:
             await limiter.close()
             return
         client = connect(self.url, timeout_ms=2000, max_connections=32)
+        limiter = RedisLimiter(client, owns_client=True)
         try:
-            yield RedisLimiter(client)
+            yield limiter
         finally:
-            await client.aclose()
+            await limiter.close()
 
     def node_clients(self) -> list[redis.Redis]:
         if isinstance(self.servers, RedisClusterServers):
