@@ -346,7 +346,9 @@ class RespClient:
         self._queued_data: list[bytes] = []
         self._flush_scheduled = False
         self._closed = False
-        self.connects = 0  # connections opened, for tests and stats
+        self.connects = 0  # connections opened
+        self.writes = 0  # transport writes: one per loop iteration with commands, whatever their number
+        self.resent = 0  # calls sent again because their connection closed under them
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -414,6 +416,7 @@ class RespClient:
             calls, self._queued = self._queued, []
             data = b"".join(self._queued_data)
             self._queued_data = []
+            self.writes += 1
             conn.send(data, calls)
         elif self._connecting is None:
             self._connecting = self.loop.create_task(self._connect())
@@ -460,6 +463,7 @@ class RespClient:
         calls, self._queued = self._queued, []
         data = b"".join([self._handshake, *self._queued_data])
         self._queued_data = []
+        self.writes += 1
         conn.send(data, calls)
 
     def _fail_queued(self, error: RedisError) -> None:
@@ -482,4 +486,5 @@ class RespClient:
             if resent or self._closed:
                 future.set_exception(error)
             else:
+                self.resent += 1
                 self._enqueue(data, True, future, deadline)
