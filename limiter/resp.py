@@ -357,7 +357,7 @@ class RespClient:
 
     def execute(self, *args: Any) -> asyncio.Future[Any]:
         """Send one command; the future gets its reply (or a redis-py exception)."""
-        return self._enqueue(encode_command(args), False)
+        return self._enqueue(encode_command(args))
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> asyncio.Future[Any]:
         # The future itself, not a coroutine around it: this is the hot path.
@@ -388,19 +388,15 @@ class RespClient:
 
     # -- internals ---------------------------------------------------------------
 
-    def _enqueue(self, data: bytes, resent: bool, future: asyncio.Future[Any] | None = None,
-                 deadline: float | None = None) -> asyncio.Future[Any]:
+    def _enqueue(self, data: bytes) -> asyncio.Future[Any]:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        if future is None:
-            future = loop.create_future()
+        future = loop.create_future()
         if self._closed:
             future.set_exception(ConnectionError("Redis client closed"))
             return future
-        if deadline is None:
-            deadline = loop.time() + self.timeout_s
-        self._queued.append((future, data, deadline, resent))
+        self._queued.append((future, data, loop.time() + self.timeout_s, False))
         self._queued_data.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -480,11 +476,21 @@ class RespClient:
         """The server closed ``conn`` (or the socket failed): send each call once more, or fail it."""
         self._forget(conn)
         error = ConnectionError(f"Connection to Redis lost: {exc}" if exc else "Connection closed by Redis")
+        again: list[_Call] = []
         for future, data, deadline, resent in calls:
             if future.done():
                 continue
             if resent or self._closed:
                 future.set_exception(error)
             else:
-                self.resent += 1
-                self._enqueue(data, True, future, deadline)
+                again.append((future, data, deadline, True))
+        if not again:
+            return
+        self.resent += len(again)
+        # Ahead of anything issued since: they were sent first, and keeping
+        # deadlines in order lets the connection's timer watch only the oldest.
+        self._queued[:0] = again
+        self._queued_data[:0] = [data for _, data, _, _ in again]
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
