@@ -93,8 +93,10 @@ async def _bench(url: str, requests: int, concurrency: int) -> None:
     )
 
     client = connect(url, timeout_ms=1000, max_connections=64)
+    # On one node the limiter talks through its own RESP2 client; redis-py's
+    # client here only reads the server's command counts.
+    redis_limiter = RedisLimiter(client)
     try:
-        redis_limiter = RedisLimiter(client)
         await redis_limiter.load_scripts()
         before = await _round_trips(client)
         seq, seq_cpu = await _sequential(redis_limiter, requests)
@@ -111,6 +113,7 @@ async def _bench(url: str, requests: int, concurrency: int) -> None:
             f"(NOSCRIPT replies {redis_limiter.stats.noscript_replies})"
         )
     finally:
+        await redis_limiter.close()
         await client.aclose()
 
 
