@@ -1,5 +1,9 @@
 """One contract suite for every limiter: in-process, Redis, and Redis Cluster.
 
+The single-Redis backend runs through the limiter's own RESP2 client
+(limiter/resp.py, which RedisLimiter builds from the redis-py client it is
+given); the cluster backend through redis-py's cluster client.
+
 Real redis-server processes (tests/support/redis_servers.py), no mocks.
 Time-based checks use small intervals and wait for conditions with deadlines.
 """
