@@ -96,6 +96,15 @@ def config_secrets(config: Config) -> list[str]:
     return [v for v in values if v]
 
 
+# Fields every line of this process carries (the worker index in pre-fork mode).
+_PROCESS_FIELDS: dict[str, Any] = {}
+
+
+def tag_worker(index: int) -> None:
+    """Every line this process logs from now on names its worker, so on-call can tell workers apart."""
+    _PROCESS_FIELDS["worker"] = index
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, scrubber: Scrubber | None = None) -> None:
         super().__init__()
@@ -116,6 +125,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if _PROCESS_FIELDS:
+            payload.update(_PROCESS_FIELDS)
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key[0] != "_":
                 payload[key] = value

@@ -4,7 +4,10 @@ and metrics aggregated over ``--processes 2`` workers (prometheus-client multipr
 from __future__ import annotations
 
 import json
+import threading
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -81,3 +84,28 @@ def test_metrics_add_up_over_worker_processes(start_gateway: Callable[..., Gatew
         if name == "cody_gateway_redis_command_duration_seconds_count" and ("command", "acquire") in labels
     )
     assert acquires == 8
+
+
+def test_workers_share_the_connections(start_gateway: Callable[..., GatewayProcess], redis_server: Any) -> None:
+    """Each worker accepts on its own SO_REUSEPORT socket, so a burst of connections lands on both."""
+    gw = start_gateway(env={"REDIS_ENDPOINT": redis_server.url}, args=["--processes", "2"])
+    connections = 40
+    start = threading.Barrier(connections)
+
+    def one_connection(_: int) -> int:
+        with httpx.Client(timeout=30) as client:  # its own TCP connection
+            start.wait(timeout=30)
+            return client.get(gw.base_url + "/-/__version").status_code
+
+    with ThreadPoolExecutor(connections) as pool:
+        assert list(pool.map(one_connection, range(connections))) == [200] * connections
+
+    def served_by_worker() -> Counter[int] | None:
+        lines = [json.loads(line) for line in gw.process.output().splitlines() if '"gateway.access"' in line]
+        found = Counter(line.get("worker") for line in lines if line.get("path") == "/-/__version")
+        return found if sum(found.values()) >= connections else None
+
+    served = wait_until(served_by_worker, what="an access line per request")
+    assert set(served) == {0, 1}, served
+    # 40 connections hashed over 2 sockets: fewer than 8 on one is a 1-in-50,000 event.
+    assert min(served.values()) >= 8, served
