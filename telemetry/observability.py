@@ -225,11 +225,17 @@ class Observability(Observer):
         upstream_attributes["upstream.provider"] = provider
         if upstream_status is not None:
             upstream_attributes["http.response.status_code"] = upstream_status
+        attempts = self._attempts.pop(handler, ())
+        if len(attempts) == 1:
+            # One attempt is the model call itself: its outcome goes on the call's span
+            # rather than on a child span covering the same interval.
+            upstream_attributes["upstream.outcome"] = attempts[0].outcome
+            attempts = ()
         upstream_span = self.tracing.past_span(
             span, f"{GENAI_OPERATIONS.get(operation, 'chat')} {upstream_model or ''}".rstrip(),
             started, ended, upstream_attributes, kind=SpanKind.CLIENT,
         )
-        for attempt in self._attempts.pop(handler, ()):
+        for attempt in attempts:
             attributes: dict[str, Any] = {"upstream.outcome": attempt.outcome}
             if attempt.status is not None:
                 attributes["http.response.status_code"] = attempt.status

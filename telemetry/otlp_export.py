@@ -268,6 +268,12 @@ class LoopSpanExporter(SpanProcessor):
             await asyncio.sleep(0.01)
         self._closed = True
         self._timer.cancel()
+        self.stats.dropped += len(self._queue)
+        self._queue.clear()
+        for task in list(self._posts):  # past the deadline: give up on them
+            task.cancel()
+        if self._posts:
+            await asyncio.gather(*self._posts, return_exceptions=True)
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -282,6 +288,8 @@ class LoopSpanExporter(SpanProcessor):
 
     def _flush(self, everything: bool = False) -> None:
         self._flush_scheduled = False
+        if self._closed:
+            return
         everything = everything or self._draining
         while self._queue and self._in_flight < _MAX_POSTS_IN_FLIGHT:
             if len(self._queue) < self._batch_size and not everything:
@@ -326,7 +334,7 @@ class LoopSpanExporter(SpanProcessor):
             self._in_flight -= 1
             self._held -= count
             # A post finishing frees a slot for a batch that waited.
-            self._flush(everything=self._closed)
+            self._flush()
 
     async def _send(self, body: bytes, deadline: float) -> tuple[int, str]:
         if self._client is None:
@@ -352,7 +360,9 @@ class LoopSpanExporter(SpanProcessor):
 
     def _post_done(self, task: asyncio.Future[None]) -> None:
         self._posts.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.error("OTLP export task failed", exc_info=task.exception())
 
     def _flush_then_signal(self, done: threading.Event) -> None:

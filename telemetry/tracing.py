@@ -190,8 +190,13 @@ class Tracing:
 
         Lets the pipeline keep two timestamps instead of holding a span open
         across its relay loop; the span carries the real start and end times.
+        The parent may have ended already (an upstream call's span, for its
+        attempts): what matters is that it was sampled.
         """
-        if parent is None or not parent.is_recording():
+        if parent is None:
+            return trace.INVALID_SPAN
+        parent_context = parent.get_span_context()
+        if not parent_context.is_valid or not parent_context.trace_flags.sampled:
             return trace.INVALID_SPAN
         now_ns = time.time_ns()
         now_mono = time.monotonic()

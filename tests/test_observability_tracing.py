@@ -133,6 +133,27 @@ def test_span_tree_carries_the_reference_and_genai_attributes(gw: InProcessGatew
         assert "hello" not in json.dumps(dict(span.attributes or {}), default=str)
 
 
+def test_upstream_attempts_are_child_spans_only_when_retried(gw: InProcessGateway, exporter: InMemorySpanExporter) -> None:
+    single = post(gw, "hello fake:tokens=2")
+    assert single.status_code == 200
+    spans = spans_of(exporter, single.headers["X-Trace"])
+    upstream = by_name(spans, f"chat {MODEL}")
+    assert dict(upstream.attributes or {})["upstream.outcome"] == "ok"
+    assert [s.name for s in spans if s.parent is not None and s.parent.span_id == upstream.context.span_id] == []
+
+    retried = post(gw, "hello fake:tokens=2 fake:status=503 fake:fail_times=1 fake:fail_key=tracing-retry")
+    assert retried.status_code == 200
+    spans = spans_of(exporter, retried.headers["X-Trace"])
+    upstream = by_name(spans, f"chat {MODEL}")
+    attempts = sorted(
+        (s for s in spans if s.parent is not None and s.parent.span_id == upstream.context.span_id),
+        key=lambda s: s.start_time or 0,
+    )
+    assert [s.name for s in attempts] == ["POST", "POST"]
+    assert [dict(s.attributes or {}).get("http.response.status_code") for s in attempts] == [503, 200]
+    assert "upstream.outcome" not in dict(upstream.attributes or {})
+
+
 def test_wrapped_instrumentation_points_add_auth_limiter_and_event_spans(gw: InProcessGateway, exporter: InMemorySpanExporter) -> None:
     response = post(gw, "hello fake:tokens=3")
     wired = gw.observability.wired
