@@ -143,6 +143,19 @@ def test_compare_script_prints_ratios(tmp_path: Path) -> None:
     assert data["summary"]["throughput_ratio_median"] > 0
 
 
+@pytest.mark.timeout(60)
+def test_floor_script_measures_the_bare_relay() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "floor.py"), "--scenario", "small", "--rounds", "1",
+         "--duration", "1", "--connections", "2", "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=50, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ratio = float(proc.stdout.split("throughput ratio relay/direct: ")[1].split()[0])
+    cpu = float(proc.stdout.split("relay CPU per request: ")[1].split()[0])
+    assert ratio > 0 and cpu > 0
+
+
 class _Transport:
     """Collects what the protocol writes; the responses below are fed by hand."""
 
