@@ -6,7 +6,9 @@ and ``X-Span`` (the runbook's alias). With trace policy ``none`` (or
 but ids are still minted so responses, logs and events stay correlatable.
 Spans are also not recorded when nothing would receive them (no OTLP
 endpoint and no extra processor): building spans nobody exports is pure cost.
-Export is telemetry/otlp_export.py: OTLP/HTTP (JSON by default) posted from
+Spans are telemetry/spans.py's LeanSpans (the API's Span and the SDK's
+ReadableSpan, without the SDK Tracer's per-span validation and locks);
+export is telemetry/otlp_export.py: OTLP/HTTP (JSON by default) posted from
 the event loop, not the SDK's exporter thread.
 
 The request span is made current in the request's own asyncio task, so log
@@ -21,7 +23,6 @@ conventions (``chat claude-3-haiku``, ``gen_ai.system``, ``gen_ai.usage.*``).
 
 from __future__ import annotations
 
-import random
 import time
 from contextvars import ContextVar
 from collections.abc import Iterator, Mapping
@@ -31,12 +32,13 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from conf.model import TelemetryConfig
 from telemetry.otlp_export import LoopSpanExporter, parse_headers
+from telemetry.spans import LeanTracer
 
 SERVICE_NAME = "cody-gateway"
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -82,9 +84,9 @@ class Tracing:
         extra_processors: list[SpanProcessor] | None = None,
     ) -> None:
         self.policy = config.trace_policy
-        self.provider = TracerProvider(
-            resource=Resource.create({"service.name": SERVICE_NAME, "service.version": version})
-        )
+        self.resource = Resource.create({"service.name": SERVICE_NAME, "service.version": version})
+        # The processors every span goes to; LeanTracer reports to them directly.
+        self.processors = SynchronousMultiSpanProcessor()
         exporting = False
         self.exporter: LoopSpanExporter | None = None
         if config.otlp_endpoint:
@@ -98,14 +100,13 @@ class Tracing:
                 queue_size=config.otlp_queue_size,
                 delay_s=config.otlp_delay_ms / 1000,
             )
-            self.provider.add_span_processor(self.exporter)
+            self.processors.add_span_processor(self.exporter)
             exporting = True
         for processor in extra_processors or []:
-            self.provider.add_span_processor(processor)
+            self.processors.add_span_processor(processor)
             exporting = True
         self.exporting = exporting
-        self.tracer = self.provider.get_tracer("gateway")
-        self._rand = random.Random()
+        self.tracer = LeanTracer(self.resource, self.processors, "gateway")
 
     def should_record(self, headers: Mapping[str, str]) -> bool:
         if not self.exporting:
@@ -122,22 +123,16 @@ class Tracing:
         Call it from inside the request's own task (a handler's ``prepare``),
         never from a callback shared between requests.
         """
-        parent = _PROPAGATOR.extract(carrier=headers) if "traceparent" in headers else None
+        parent: SpanContext | None = None
+        if "traceparent" in headers:
+            parent = trace.get_current_span(_PROPAGATOR.extract(carrier=headers)).get_span_context()
         span: Span
         if self.should_record(headers):
             attributes["sampling.retain"] = True
-            span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+            span = self.tracer.start_span(name, parent, kind=SpanKind.SERVER, attributes=attributes)
         else:
-            parent_ctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
-            trace_id = parent_ctx.trace_id if parent_ctx is not None and parent_ctx.is_valid else self._rand.getrandbits(128)
-            span = NonRecordingSpan(
-                SpanContext(
-                    trace_id=trace_id or 1,
-                    span_id=self._rand.getrandbits(64) or 1,
-                    is_remote=False,
-                    trace_flags=TraceFlags(0),
-                )
-            )
+            trace_id, span_id = self.tracer.new_ids(parent)
+            span = NonRecordingSpan(SpanContext(trace_id=trace_id, span_id=span_id, is_remote=False, trace_flags=TraceFlags(0)))
         # Never detached: the request's task ends with the request.
         otel_context.attach(trace.set_span_in_context(span))
         _REQUEST_IDS.set(span_ids(span))
@@ -146,7 +141,7 @@ class Tracing:
     def start_child(self, name: str, parent: Span, attributes: dict[str, Any] | None = None) -> Span:
         if not parent.is_recording():
             return trace.INVALID_SPAN
-        return self.tracer.start_span(name, context=trace.set_span_in_context(parent), attributes=attributes)
+        return self.tracer.start_span(name, parent.get_span_context(), attributes=attributes)
 
     @contextmanager
     def child_span(
@@ -165,7 +160,7 @@ class Tracing:
         if parent is None or not parent.is_recording():
             yield trace.INVALID_SPAN
             return
-        span = self.tracer.start_span(name, context=trace.set_span_in_context(parent), kind=kind, attributes=attributes)
+        span = self.tracer.start_span(name, parent.get_span_context(), kind=kind, attributes=attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             yield span
@@ -202,18 +197,12 @@ class Tracing:
         now_mono = time.monotonic()
         start_ns = now_ns - int((now_mono - started) * 1e9)
         end_ns = now_ns - int((now_mono - ended) * 1e9)
-        span = self.tracer.start_span(
-            name,
-            context=trace.set_span_in_context(parent),
-            kind=kind,
-            attributes=attributes,
-            start_time=start_ns,
-        )
+        span = self.tracer.start_span(name, parent_context, kind=kind, attributes=attributes, start_time=start_ns)
         span.end(end_time=max(start_ns, end_ns))
         return span
 
     def force_flush(self, timeout_ms: int = 5000) -> bool:
-        return self.provider.force_flush(timeout_ms)
+        return self.processors.force_flush(timeout_ms)
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Post the spans still queued, from the loop, before ``shutdown``."""
@@ -221,7 +210,7 @@ class Tracing:
             await self.exporter.aclose(timeout_s)
 
     def shutdown(self) -> None:
-        self.provider.shutdown()
+        self.processors.shutdown()
 
 
 def otlp_traces_url(endpoint: str) -> str:
