@@ -47,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=0, help="0: the scenario's own")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop at this many requests/s (0: closed loop)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     exit_on_sigterm()
     scenario = replace(loadtest.SCENARIOS[args.scenario], duration_s=args.duration)
     if args.connections:
         scenario = replace(scenario, connections=args.connections)
+    if args.rate:
+        scenario = replace(scenario, rate=args.rate)
     with tempfile.TemporaryDirectory(prefix="gw-floor-") as tmp:
         workdir = Path(tmp)
         fake, fake_url = start_fake_provider(workdir)
@@ -72,16 +75,17 @@ def main(argv: list[str] | None = None) -> int:
             proxy.stop()
             fake.stop()
     print(f"== floor: {args.scenario}; bare Tornado + curl_httpclient relay vs the fake provider direct; {args.rounds} rounds")
-    print(f"{'round':>5} {'direct req/s':>13} {'relay req/s':>12} {'ratio':>7} {'relay ms CPU/req':>17} {'added p50 ms':>13}")
+    print(f"{'round':>5} {'direct req/s':>13} {'relay req/s':>12} {'ratio':>7} {'relay ms CPU/req':>17} {'added p50 ms':>13} {'added p99 ms':>13}")
     ratios, cpus = [], []
     for n, pair in enumerate(rows, 1):
         d, r = pair["direct"], pair["relay"]
         ratio = r["requests_per_s"] / d["requests_per_s"] if d["requests_per_s"] else float("nan")
         cpu = (r.get("gateway") or {}).get("cpu_per_request_ms") or float("nan")
         added = (r["latency_s"]["p50"] - d["latency_s"]["p50"]) * 1000
+        added99 = (r["latency_s"]["p99"] - d["latency_s"]["p99"]) * 1000
         ratios.append(ratio)
         cpus.append(cpu)
-        print(f"{n:>5} {d['requests_per_s']:>13.1f} {r['requests_per_s']:>12.1f} {ratio:>7.3f} {cpu:>17.3f} {added:>13.2f}")
+        print(f"{n:>5} {d['requests_per_s']:>13.1f} {r['requests_per_s']:>12.1f} {ratio:>7.3f} {cpu:>17.3f} {added:>13.2f} {added99:>13.2f}")
     print(f"throughput ratio relay/direct: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
     print(f"relay CPU per request: {statistics.median(cpus):.3f} ms (min {min(cpus):.3f}, max {max(cpus):.3f})")
     per_stream = [(pair["relay"].get("gateway") or {}).get("rss_per_open_stream_bytes") for pair in rows]
