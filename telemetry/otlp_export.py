@@ -84,10 +84,32 @@ def _any_value(value: Any) -> dict[str, Any]:
     return {"stringValue": str(value)}
 
 
+# Encoded attributes by (key, type, value): most of a request's attributes
+# (provider, model, feature, status codes, small counts) repeat from one span
+# to the next, and orjson encodes a shared dict as well as a fresh one.
+_ENCODED: dict[tuple[str, type, Any], dict[str, Any]] = {}
+_ENCODED_MAX = 8192
+
+
+def _attribute(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, float):  # timings: nearly never the same twice
+        return {"key": key, "value": {"doubleValue": value}}
+    cache_key = (key, type(value), value)
+    try:
+        return _ENCODED[cache_key]
+    except KeyError:
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.clear()  # bounded; the values in use come back at once
+        encoded = _ENCODED[cache_key] = {"key": key, "value": _any_value(value)}
+        return encoded
+    except TypeError:  # unhashable (a list)
+        return {"key": key, "value": _any_value(value)}
+
+
 def _attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if not attributes:
         return []
-    return [{"key": key, "value": _any_value(value)} for key, value in attributes.items()]
+    return [_attribute(key, value) for key, value in attributes.items()]
 
 
 def _span_json(span: ReadableSpan) -> dict[str, Any]:

@@ -211,3 +211,17 @@ def test_force_flush_from_another_thread_waits_for_the_post() -> None:
         thread.join(10)
         loop.close()
         receiver.stop()
+
+
+def test_the_attribute_cache_is_bounded_and_keeps_types_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    import telemetry.otlp_export as otlp_export
+
+    monkeypatch.setattr(otlp_export, "_ENCODED_MAX", 4)
+    monkeypatch.setattr(otlp_export, "_ENCODED", {})
+    encoded = [otlp_export._attribute("n", value) for value in (1, True, 1.0, "1", 1)]
+    assert [e["value"] for e in encoded] == [
+        {"intValue": "1"}, {"boolValue": True}, {"doubleValue": 1.0}, {"stringValue": "1"}, {"intValue": "1"},
+    ]
+    for value in range(100):
+        assert otlp_export._attribute("count", value)["value"] == {"intValue": str(value)}
+    assert len(otlp_export._ENCODED) <= 4
