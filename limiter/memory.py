@@ -10,8 +10,8 @@ expire, so memory follows the active actors, not every actor ever seen.
 from __future__ import annotations
 
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -151,7 +151,7 @@ class MemoryLimiter:
         bucket.level -= cost
         lease_id: str | None = None
         if rule.concurrency > 0:
-            lease_id = uuid.uuid4().hex
+            lease_id = os.urandom(16).hex()
             bucket.leases[lease_id] = now + rule.lease_ttl_s
         return Decision(
             allowed=True,

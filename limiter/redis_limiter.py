@@ -19,8 +19,8 @@ whoever created it (see limiter/redis_connect.py).
 from __future__ import annotations
 
 import asyncio
+import os
 import hashlib
-import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -157,7 +157,7 @@ class RedisLimiter:
     async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
         if rule.limit <= 0 or rule.interval_s <= 0:
             return _denied_invalid(rule)
-        lease_id = uuid.uuid4().hex if rule.concurrency > 0 else ""
+        lease_id = os.urandom(16).hex() if rule.concurrency > 0 else ""
         reply = await self._acquire(
             bucket_keys(rule.bucket, rule.feature),
             (

@@ -8,8 +8,8 @@ BigQuery's insertId so that a retried flush does not duplicate rows.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +24,11 @@ EMBEDDINGS_FINISHED = "EmbeddingsFinished"
 REQUEST_BLOCKED = "RequestBlocked"
 
 
+def new_id() -> str:
+    """32 random hex characters: an event's id (BigQuery insertId), as unique as a UUID4 and cheaper to make."""
+    return os.urandom(16).hex()
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     name: str
@@ -31,7 +36,7 @@ class Event:
     identifier: str
     metadata: dict[str, Any]
     created_at: float = field(default_factory=time.time)
-    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    event_id: str = field(default_factory=new_id)
 
     def to_row(self) -> dict[str, Any]:
         """The BigQuery / JSONL row; ``metadata`` is JSON text as in the reference."""
@@ -65,7 +70,7 @@ class Event:
             identifier=row["identifier"],
             metadata=dict(metadata or {}),
             created_at=created_at,
-            event_id=row.get("event_id") or uuid.uuid4().hex,
+            event_id=row.get("event_id") or new_id(),
         )
 
 
