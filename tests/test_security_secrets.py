@@ -10,9 +10,7 @@ hashes.
 
 from __future__ import annotations
 
-import gzip
 import threading
-import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +20,7 @@ import httpx
 import pytest
 
 from tests.support.fake_sentry import FakeSentry
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.processes import wait_until
 from tests.test_fuzz_support import full_env, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
 
@@ -38,51 +37,16 @@ UPSTREAM_KEYS = {
 SECRETS = {**{k.split("_")[2].lower(): v for k, v in UPSTREAM_KEYS.items()}, "diagnostics": DIAG, "client token": CLIENT_TOKEN, "sdk token": SDK_TOKEN}
 
 
-class Recorder:
-    """An OTLP/HTTP endpoint that keeps every (decompressed) body it receives."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                encoding = (self.headers.get("Content-Encoding") or "").lower()
-                if encoding == "gzip":
-                    raw = gzip.decompress(raw)
-                elif encoding == "deflate":
-                    raw = zlib.decompress(raw)
-                recorder.bodies.append(raw)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
-def stand_ins() -> Iterator[tuple[FakeSentry, Recorder]]:
-    sentry, otlp = FakeSentry(), Recorder()
+def stand_ins() -> Iterator[tuple[FakeSentry, OtlpReceiver]]:
+    sentry, otlp = FakeSentry(), OtlpReceiver()
     yield sentry, otlp
     sentry.stop()
     otlp.stop()
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, private_fake: Any, stand_ins: tuple[FakeSentry, Recorder]) -> Iterator[dict[str, Any]]:
+def run(tmp_path_factory: pytest.TempPathFactory, private_fake: Any, stand_ins: tuple[FakeSentry, OtlpReceiver]) -> Iterator[dict[str, Any]]:
     """Start a gateway with every telemetry output on, drive every route, stop it; return what it produced."""
     sentry, otlp = stand_ins
     workdir = tmp_path_factory.mktemp("secrets")

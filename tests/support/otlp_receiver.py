@@ -69,18 +69,15 @@ class OtlpReceiver:
 
     @property
     def bodies(self) -> list[bytes]:
+        """Every body received, decompressed."""
         with self.lock:
-            return [body for _, body in self.posts]
+            posts = list(self.posts)
+        return [gzip.decompress(body) if headers.get("content-encoding") == "gzip" else body for headers, body in posts]
 
     def requests(self) -> list[ExportTraceServiceRequest]:
         with self.lock:
-            posts = list(self.posts)
-        out = []
-        for headers, body in posts:
-            if headers.get("content-encoding") == "gzip":
-                body = gzip.decompress(body)
-            out.append(decode(body, headers.get("content-type", "")))
-        return out
+            content_types = [headers.get("content-type", "") for headers, _ in self.posts]
+        return [decode(body, content_type) for body, content_type in zip(self.bodies, content_types)]
 
     def spans(self) -> list[Any]:
         return [
