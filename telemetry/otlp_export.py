@@ -388,6 +388,9 @@ class LoopSpanExporter(SpanProcessor):
             log.error("OTLP export task failed", exc_info=task.exception())
 
     def _flush_then_signal(self, done: threading.Event) -> None:
+        if self._closed:  # nothing will be posted any more
+            done.set()
+            return
         self._waiters.append(done)
         self._flush(everything=True)
 

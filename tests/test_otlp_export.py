@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -205,6 +206,10 @@ def test_force_flush_from_another_thread_waits_for_the_post() -> None:
             tracer.start_span(f"s{i}").end()
         assert holder["provider"].force_flush(10_000)
         assert len(receiver.spans()) == 5  # the long delay would have kept them otherwise
+        asyncio.run_coroutine_threadsafe(holder["exporter"].aclose(), loop).result(10)
+        started = time.monotonic()
+        assert holder["provider"].force_flush(10_000)  # closed: answers at once instead of waiting it out
+        assert time.monotonic() - started < 1.0
     finally:
         asyncio.run_coroutine_threadsafe(holder["exporter"].aclose(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
