@@ -69,24 +69,6 @@ OUTCOME_CLIENT_TOO_SLOW = "client_too_slow"
 class CompletionsHandler(UpstreamHandler):
     route_class = "completions"
 
-    # Per-request state that starts out immutable lives on the class until a
-    # request sets it: with thousands of open streams, every instance attribute
-    # counts (these kept the instance __dict__ under a size step: ≈ 1.5 KB a stream).
-    call: ProviderCall | None = None
-    relaying = False
-    first_byte_sent = False
-    upstream_status: int | None = None
-    upstream_started: float | None = None
-    upstream_ended: float | None = None
-    time_to_first_byte_s: float | None = None
-    outcome = OUTCOME_ERROR
-    chunks_relayed = 0
-    client_too_slow = False
-    _last_chunk = b""
-    _flush_scheduled = False
-    _unflushed = 0
-    _pending_bytes = 0
-
     def initialize(self, services: Services, provider: Provider, sdk_route: bool = False, **kwargs: Any) -> None:  # type: ignore[override]
         super().initialize(services, **kwargs)
         self.provider = provider
@@ -94,11 +76,25 @@ class CompletionsHandler(UpstreamHandler):
         self.sdk_route = sdk_route
         self.accepts_api_key_header = sdk_route
         self.limited = LimitedRequest(services)
+        self.call: ProviderCall | None = None
+        self.relaying = False
+        self.first_byte_sent = False
+        self.upstream_status: int | None = None
+        self.upstream_started: float | None = None
+        self.upstream_ended: float | None = None
+        self.time_to_first_byte_s: float | None = None
+        self.outcome = OUTCOME_ERROR
+        self.chunks_relayed = 0
         self.extra_metadata: dict[str, Any] = {}
         self._error_body = bytearray()
         self._body_buffer = bytearray()
+        self._last_chunk = b""
         self._auto_flush = services.config.server.auto_flush_streaming
         self._max_client_buffer = services.config.server.max_client_buffer_bytes
+        self._flush_scheduled = False
+        self._unflushed = 0
+        self._pending_bytes = 0
+        self.client_too_slow = False
 
     # -- request ----------------------------------------------------------------
 
