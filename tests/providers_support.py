@@ -92,6 +92,13 @@ def start_module_wired(tmp_path_factory: pytest.TempPathFactory, fake_provider: 
         gw.stop()
 
 
+@pytest.fixture
+def gw(shared: WiredGateway, request: pytest.FixtureRequest) -> WiredGateway:
+    """The module's ``shared`` gateway (each test module defines ``shared``), with its output kept on failure."""
+    request.node._gateways = [shared]
+    return shared
+
+
 def marker() -> str:
     return "mark-" + uuid.uuid4().hex[:12]
 

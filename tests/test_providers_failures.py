@@ -21,6 +21,7 @@ from tests.conftest import TOKEN_A, actor, limits
 from tests.providers_support import (  # noqa: F401  (fixtures)
     WiredGateway,
     assert_json_error,
+    gw,
     marker,
     post,
     received,
@@ -67,12 +68,6 @@ def shared(start_module_wired: Any) -> WiredGateway:
             "CODY_GATEWAY_UPSTREAM_CIRCUIT_MIN_SAMPLES": "100000",
         },
     )
-
-
-@pytest.fixture
-def gw(shared: WiredGateway, request: pytest.FixtureRequest) -> WiredGateway:
-    request.node._gateways = [shared]
-    return shared
 
 
 def call(gw: WiredGateway, name: str, text: str, *, stream: bool, timeout_ms: int | None = None) -> httpx.Response:

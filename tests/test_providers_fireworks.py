@@ -11,6 +11,7 @@ from tests.conftest import TOKEN_A, actor, limits
 from tests.providers_support import (  # noqa: F401  (fixtures)
     WiredGateway,
     assert_json_error,
+    gw,
     marker,
     post,
     received,
@@ -43,12 +44,6 @@ REFERENCE_MODELS = [
 @pytest.fixture(scope="module")
 def shared(start_module_wired: Any) -> WiredGateway:
     return start_module_wired(env={"CODY_GATEWAY_FIREWORKS_ALLOWED_MODELS": ",".join(REFERENCE_MODELS)})
-
-
-@pytest.fixture
-def gw(shared: WiredGateway, request: pytest.FixtureRequest) -> WiredGateway:
-    request.node._gateways = [shared]
-    return shared
 
 
 def test_code_completion_stream_goes_to_text_endpoint(gw: WiredGateway, fake_provider: Any) -> None:

@@ -18,6 +18,7 @@ from tests.conftest import DIAGNOSTICS_SECRET, TOKEN_A, TOKEN_B, actor, limits
 from tests.providers_support import (  # noqa: F401  (fixtures)
     WiredGateway,
     assert_json_error,
+    gw,
     marker,
     post,
     received,
@@ -83,12 +84,6 @@ def shared(start_module_wired: Any, graphql: FakeGraphQLThread) -> WiredGateway:
         actor("actor-b", TOKEN_B, chat_completions=limits(1), code_completions=limits(1)),
     ]
     return start_module_wired(actors, env={**FLAGGING_ENV, **dotcom_env(graphql)})
-
-
-@pytest.fixture
-def gw(shared: WiredGateway, request: pytest.FixtureRequest) -> WiredGateway:
-    request.node._gateways = [shared]
-    return shared
 
 
 def diag(gw: WiredGateway, path: str, secret: str | None = DIAGNOSTICS_SECRET) -> httpx.Response:

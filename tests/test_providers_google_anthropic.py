@@ -13,6 +13,7 @@ from tests.conftest import TOKEN_A
 from tests.providers_support import (  # noqa: F401  (fixtures)
     WiredGateway,
     assert_json_error,
+    gw,
     marker,
     post,
     received,
@@ -30,12 +31,6 @@ LEGACY = "/v1/completions/anthropic"
 @pytest.fixture(scope="module")
 def shared(start_module_wired: Any) -> WiredGateway:
     return start_module_wired()
-
-
-@pytest.fixture
-def gw(shared: WiredGateway, request: pytest.FixtureRequest) -> WiredGateway:
-    request.node._gateways = [shared]
-    return shared
 
 
 def gemini_body(text: str, *, stream: bool, **extra: Any) -> dict[str, Any]:

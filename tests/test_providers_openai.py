@@ -13,6 +13,7 @@ from tests.conftest import TOKEN_A, actor, limits
 from tests.providers_support import (  # noqa: F401  (fixtures)
     WiredGateway,
     assert_json_error,
+    gw,
     marker,
     post,
     received,
@@ -30,12 +31,6 @@ OPENAI_KEY = "sk-openai-upstream-secret"
 @pytest.fixture(scope="module")
 def shared(start_module_wired: Any) -> WiredGateway:
     return start_module_wired()
-
-
-@pytest.fixture
-def gw(shared: WiredGateway, request: pytest.FixtureRequest) -> WiredGateway:
-    request.node._gateways = [shared]
-    return shared
 
 
 def sdk(gw: WiredGateway, **kwargs: Any) -> openai.OpenAI:
