@@ -220,7 +220,7 @@ def _version() -> str:
 
 async def start_demo(config_path: str | None, overrides: dict[str, Any]) -> tuple[Config, str]:
     """Run the fake provider in this process and point every provider at it."""
-    from bench.fake_provider import start_fake_provider
+    from fakes.provider import start_fake_provider
 
     fake = await start_fake_provider(host="127.0.0.1", port=0)
     token = "sgd_" + secrets.token_hex(32)

@@ -24,8 +24,8 @@ from conf.model import Config
 from handlers.services import Services
 from limiter.base import Limiter
 from limiter.memory import MemoryLimiter
-from telemetry.event_logger import EventLogger
-from telemetry.sinks import build_sink
+from usage.logger import EventLogger
+from usage.sinks import build_sink
 
 log = logging.getLogger("gateway")
 
@@ -35,7 +35,7 @@ async def build_limiter(config: Config, *, observe_redis: Any = None) -> Limiter
         log.info("limiter: in-process (no REDIS_ENDPOINT)")
         return MemoryLimiter()
     from limiter.failover import FailoverLimiter
-    from limiter.redis_connect import connect
+    from redisconn.connect import connect
     from limiter.redis_limiter import RedisLimiter
 
     client = connect(
@@ -64,7 +64,7 @@ def build_event_logger(config: Config) -> EventLogger:
 
 def connect_actor_redis(config: Config) -> tuple[Any | None, Any | None]:
     """(cache client, lock client): the actor caches use REDIS_CACHE_ENDPOINT when set, else REDIS_ENDPOINT."""
-    from limiter.redis_connect import connect
+    from redisconn.connect import connect
 
     def client(endpoint: str) -> Any | None:
         if not endpoint:

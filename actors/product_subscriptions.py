@@ -29,7 +29,7 @@ from actors.redis_cache import (
     is_token_key,
     token_key,
 )
-from actors.remote import (
+from actors.graphql_source import (
     ACCESS_FIELDS,
     GRAPHQL_LIMIT_FIELDS,
     NEGATIVE_TTL_S,

@@ -17,7 +17,7 @@ from actors.base import ActorSource
 from actors.dotcom_user import DotcomUserSource
 from actors.graphql import GraphQLClient
 from actors.product_subscriptions import ProductSubscriptionSource
-from actors.remote import ResetUsage
+from actors.graphql_source import ResetUsage
 from actors.sync_worker import SyncWorker
 from conf.model import Config
 

@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from limiter.base import Limiter, LimitRule
 from limiter.memory import MemoryLimiter
-from limiter.redis_connect import connect
+from redisconn.connect import connect
 from limiter.redis_limiter import RedisLimiter
 
 # Commands a client sends itself; everything a script calls is excluded.

@@ -2,7 +2,7 @@
 
 "All production features on" means: the Redis limiter (a real redis-server),
 usage events (JSONL sink with journal and spool), tracing with every request
-sampled and exported over OTLP/HTTP (to bench/otlp_sink.py), Prometheus
+sampled and exported over OTLP/HTTP (to fakes/otlp.py run as a sink), Prometheus
 metrics and the JSON logs, at info level, to a file. Each process writes its
 output to a log file in the work directory (a pipe that nobody reads fast
 enough would throttle the gateway), and readiness is a line in that file
@@ -140,7 +140,7 @@ def start_fake_provider(workdir: Path) -> tuple[Proc, str]:
     # A short request log: the fake keeps one dict per request for tests' introspection.
     proc = Proc(
         "fake provider",
-        [sys.executable, str(REPO / "bench" / "fake_provider.py"), "--port", "0", "--request-log-size", "16"],
+        [sys.executable, "-m", "fakes.provider", "--port", "0", "--request-log-size", "16"],
         workdir / "fake_provider.log",
     )
     match = proc.wait_for(re.compile(r"fake provider listening on (http://[\w.:-]+:\d+)"))
@@ -148,7 +148,7 @@ def start_fake_provider(workdir: Path) -> tuple[Proc, str]:
 
 
 def start_otlp_sink(workdir: Path) -> tuple[Proc, str]:
-    proc = Proc("otlp sink", [sys.executable, str(REPO / "bench" / "otlp_sink.py"), "--port", "0"], workdir / "otlp.log")
+    proc = Proc("otlp sink", [sys.executable, "-m", "fakes.otlp", "--port", "0"], workdir / "otlp.log")
     match = proc.wait_for(re.compile(r"otlp sink listening on (http://[\w.:-]+:\d+)"))
     return proc, match.group(1)
 

@@ -22,8 +22,8 @@ from actors.tokens import parse_bearer
 from errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge
 from handlers.services import Services
 from limiter.base import CONCURRENCY, Decision
-from telemetry import events as ev
-from telemetry.event_logger import with_request_context
+from usage import events as ev
+from usage.logger import with_request_context
 from telemetry.tracing import span_ids
 from upstreams.transport import AbortFlag
 

@@ -38,10 +38,10 @@ from handlers.admission import (
 )
 from handlers.base import UpstreamHandler
 from handlers.services import Services
-from telemetry import events as ev
+from usage import events as ev
 from upstreams import transport as tp
 from upstreams.base import Provider, ProviderCall
-from upstreams.callbase import MAX_BODY_FOR_USAGE
+from upstreams.buffered_call import MAX_BODY_FOR_USAGE
 
 log = logging.getLogger("gateway.completions")
 

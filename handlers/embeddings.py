@@ -26,7 +26,7 @@ from errors import BadRequest, Forbidden
 from handlers.admission import LimitedRequest, rate_limit_headers, rejection
 from handlers.base import BaseHandler, UpstreamHandler
 from handlers.services import Services
-from telemetry import events as ev
+from usage import events as ev
 from upstreams.decode import known_fields, opt_bool, opt_int, opt_str, parse_body
 from upstreams.embeddings import (
     OPENAI,

@@ -24,7 +24,7 @@ from actors.model import CODE_COMPLETIONS
 from conf.model import Config
 from errors import BadRequest, NotFound
 from handlers.diagnostics import DiagnosticsHandler
-from telemetry import events as ev
+from usage import events as ev
 from upstreams import flagging
 from upstreams.base import ProviderCall
 from upstreams.prompt_store import (

@@ -8,7 +8,7 @@ from typing import Any
 from actors.chain import SourceChain
 from conf.model import Config
 from limiter.base import Limiter
-from telemetry.events import EventRecorder
+from usage.events import EventRecorder
 from telemetry.observer import NULL_OBSERVER, Observer
 from telemetry.tracing import Tracing
 from upstreams.transport import Transport

@@ -7,13 +7,13 @@ loaded again when the server answers NOSCRIPT (restart, SCRIPT FLUSH,
 failover to a replica that never saw them).
 
 On a single node the commands go through the limiter's own pipelined RESP2
-client (limiter/resp.py), built from the redis-py client's settings: all the
+client (redisconn/resp.py), built from the redis-py client's settings: all the
 EVALSHAs of one loop iteration leave in one write. On Redis Cluster they go
 through redis-py's cluster client, one command at a time.
 
 The redis-py client is closed by ``close()`` only when ``owns_client`` is
 set: a client shared with the actor cache or the notifier is closed by
-whoever created it (see limiter/redis_connect.py).
+whoever created it (see redisconn/connect.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from redis.exceptions import NoScriptError
 
 from limiter import scripts
 from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, LimitRule, LimitStatus
-from limiter.redis_connect import lean_client
-from limiter.resp import RespClient
+from redisconn.connect import lean_client
+from redisconn.resp import RespClient
 
 KEY_PREFIX = "rate_limit:"
 
@@ -131,10 +131,10 @@ def _denied_invalid(rule: LimitRule) -> Decision:
 
 
 class RedisLimiter:
-    """The limiter on a redis-py client from limiter/redis_connect.py.
+    """The limiter on a redis-py client from redisconn/connect.py.
 
     On a single node the client only says where Redis is: every command goes
-    through a RespClient built from its settings (see limiter/resp.py for
+    through a RespClient built from its settings (see redisconn/resp.py for
     why), which this limiter owns and closes. A RedisCluster is used as is.
     """
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.processes import FakeProviderProcess, GatewayProcess, write_actors
+from fakes.processes import FakeProviderProcess, GatewayProcess, write_actors
 from tests.support.redis_servers import (  # noqa: F401  (fixtures)
     redis_cluster,
     redis_cluster_private,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import DEFAULT_ACTORS, DIAGNOSTICS_SECRET, TOKEN_A
-from tests.support.processes import GatewayProcess, wait_until, write_actors
+from fakes.processes import GatewayProcess, wait_until, write_actors
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"
 

@@ -1,7 +1,7 @@
 """Actor sources through the real gateway process: GraphQL-backed actors, attribution,
 limits refresh, the sync endpoint and worker, GraphQL outages, and static-file edits under load.
 
-The GraphQL API is tests.support.fake_graphql running on its own thread;
+The GraphQL API is fakes.graphql running on its own thread;
 Redis, where used, is a real redis-server.
 """
 
@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from tests.conftest import DIAGNOSTICS_SECRET, TOKEN_A, TOKEN_B, actor, limits
-from tests.support.fake_graphql import FakeGraphQL, FakeGraphQLThread
-from tests.support.processes import GatewayProcess, wait_until, write_actors
+from fakes.graphql import FakeGraphQL, FakeGraphQLThread
+from fakes.processes import GatewayProcess, wait_until, write_actors
 from tests.support.redis_servers import RedisServer
 from tests.test_anthropic_messages import message_body, post
 

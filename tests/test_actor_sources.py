@@ -31,7 +31,7 @@ from actors.redis_cache import MemoryActorCache, cache_prefix, token_key
 from actors.sync_worker import LOCK_NAME, SyncWorker
 from conf.model import ActorsConfig
 from errors import ServiceUnavailable, Unauthorized, UpstreamError
-from tests.support.fake_graphql import FakeGraphQL
+from fakes.graphql import FakeGraphQL
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -800,7 +800,7 @@ def test_attribution_search() -> None:
 
 @pytest.mark.timeout(60)
 def test_cache_sync_and_lock_on_redis_cluster(redis_cluster: Any) -> None:
-    from limiter.redis_connect import connect
+    from redisconn.connect import connect
 
     async def scenario() -> None:
         async with environment(None) as env:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import ANTHROPIC_KEY, DIAGNOSTICS_SECRET, TOKEN_A, actor, limits
-from tests.support.processes import GatewayProcess, wait_until
+from fakes.processes import GatewayProcess, wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"
@@ -266,7 +266,7 @@ def test_bad_config_names_every_bad_key(tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    from tests.support.processes import REPO
+    from fakes.processes import REPO
 
     bad = tmp_path / "bad.toml"
     bad.write_text('port = "eighty"\nno_such_key = 1\n[upstream]\nmax_clients = 0\n')

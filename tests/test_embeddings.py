@@ -19,9 +19,9 @@ import httpx
 import openai
 import pytest
 
-from bench.fake_provider import embedding_vector
+from fakes.provider import embedding_vector
 from tests.conftest import DIAGNOSTICS_SECRET, limits
-from tests.support.processes import LISTENING, REPO, FakeProviderProcess, GatewayProcess, ManagedProcess, wait_until, write_actors
+from fakes.processes import LISTENING, REPO, FakeProviderProcess, GatewayProcess, ManagedProcess, wait_until, write_actors
 
 with warnings.catch_warnings():
     # bpe_openai loads its vocabulary through a deprecated importlib API.

@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 import pytest
 
-from telemetry.event_logger import EventLogger
-from telemetry.events import Event
-from telemetry.sinks import BigQuerySink, build_sink
-from tests.support.fake_bigquery import FakeBigQuery
+from usage.logger import EventLogger
+from usage.events import Event
+from usage.sinks import BigQuerySink, build_sink
+from fakes.bigquery import FakeBigQuery
 from tests.test_events_logger import events_config, make_event, spool_files, wait_until
 
 pytestmark = pytest.mark.timeout(60)

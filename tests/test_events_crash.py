@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support.fake_bigquery import FakeBigQuery
+from fakes.bigquery import FakeBigQuery
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT, DATASET, TABLE = "crash-project", "cody_gateway", "events"
@@ -37,9 +37,9 @@ pytestmark = pytest.mark.timeout(90)
 
 def driver(args: dict[str, Any]) -> None:
     from conf.model import EventsConfig
-    from telemetry.event_logger import EventLogger
-    from telemetry.events import Event
-    from telemetry.sinks import build_sink
+    from usage.logger import EventLogger
+    from usage.events import Event
+    from usage.sinks import build_sink
 
     config = EventsConfig(
         sink=args["sink"],

@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from tests.conftest import TOKEN_A
-from tests.support.fake_bigquery import FakeBigQuery
-from tests.support.processes import GatewayProcess, wait_until
+from fakes.bigquery import FakeBigQuery
+from fakes.processes import GatewayProcess, wait_until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 

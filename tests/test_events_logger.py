@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from conf.model import EventsConfig
-from telemetry.event_logger import EventLogger, with_request_context
-from telemetry.events import Event
-from telemetry.sinks import JsonlSink, StdoutSink, build_sink
+from usage.logger import EventLogger, with_request_context
+from usage.events import Event
+from usage.sinks import JsonlSink, StdoutSink, build_sink
 
 pytestmark = pytest.mark.timeout(30)
 

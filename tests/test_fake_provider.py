@@ -26,7 +26,7 @@ import anthropic
 import openai
 import pytest
 
-from bench.fake_provider import (
+from fakes.provider import (
     COMPLETION_WORDS,
     FakeProvider,
     completion_text,
@@ -643,7 +643,7 @@ def test_make_app_rejects_unknown_options(loop_thread: LoopThread) -> None:
 @pytest.mark.timeout(20)
 def test_cli_prints_listening_line_serves_and_stops_on_sigterm() -> None:
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "fake_provider.py"), "--port", "0", "--tokens", "2"],
+        [sys.executable, "-m", "fakes.provider", "--port", "0", "--tokens", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

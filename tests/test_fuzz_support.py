@@ -100,7 +100,7 @@ def full_env(workdir: Path, fake_base: str, **extra: str) -> dict[str, str]:
 
 def start_full_gateway(workdir: Path, env: dict[str, str], actors: list[dict[str, Any]], name: str = "gateway") -> Any:
     """``gateway.py`` with ``actors`` in its static file."""
-    from tests.support.processes import GatewayProcess, write_actors
+    from fakes.processes import GatewayProcess, write_actors
 
     write_actors(Path(env["CODY_GATEWAY_STATIC_ACTORS_FILE"]), actors)
     return GatewayProcess(workdir, env, name=name)
@@ -121,7 +121,7 @@ def unlimited_actor(actor_id: str, token: str) -> dict[str, Any]:
 def private_fake() -> Iterator[Any]:
     """A fake provider for one fuzz module, so that whatever the fuzzer makes it do
     (huge embeddings, odd directives) cannot disturb other modules' tests."""
-    from tests.support.processes import FakeProviderProcess
+    from fakes.processes import FakeProviderProcess
 
     fake = FakeProviderProcess()
     yield fake

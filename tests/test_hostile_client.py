@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.processes import wait_until
+from fakes.processes import wait_until
 from tests.test_fuzz_support import full_env, start_full_gateway, unlimited_actor
 
 TOKEN = "sgd_" + "c" * 64

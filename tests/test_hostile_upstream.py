@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.processes import wait_until
+from fakes.processes import wait_until
 from tests.test_fuzz_schemathesis import assert_clean_log
 from tests.test_fuzz_support import full_env, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
 

@@ -1,7 +1,7 @@
 """One contract suite for every limiter: in-process, Redis, and Redis Cluster.
 
 The single-Redis backend runs through the limiter's own RESP2 client
-(limiter/resp.py, which RedisLimiter builds from the redis-py client it is
+(redisconn/resp.py, which RedisLimiter builds from the redis-py client it is
 given); the cluster backend through redis-py's cluster client.
 
 Real redis-server processes (tests/support/redis_servers.py), no mocks.
@@ -31,7 +31,7 @@ from redis.crc import key_slot
 from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, Limiter, LimiterUnavailable, LimitRule
 from limiter.failover import FAIL_CLOSED, FAIL_OPEN, FailoverLimiter, FallbackDecision
 from limiter.memory import MemoryLimiter
-from limiter.redis_connect import connect
+from redisconn.connect import connect
 from limiter.redis_limiter import RedisLimiter, bucket_keys
 from tests.support.redis_servers import RedisClusterServers, RedisServer
 
@@ -523,7 +523,7 @@ def test_two_processes_share_one_limit(redis_backend: Backend) -> None:
         import asyncio, json, sys, time
         sys.path.insert(0, {str(REPO)!r})
         from limiter.base import LimitRule
-        from limiter.redis_connect import connect
+        from redisconn.connect import connect
         from limiter.redis_limiter import RedisLimiter
 
         async def main():

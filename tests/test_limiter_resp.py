@@ -1,4 +1,4 @@
-"""The limiter's own RESP2 client (limiter/resp.py) against real redis-server processes.
+"""The limiter's own RESP2 client (redisconn/resp.py) against real redis-server processes.
 
 The parser is also checked alone, against every way a byte stream can be cut.
 Event-loop tests run on asyncio and on uvloop (the gateway's loop).
@@ -35,9 +35,9 @@ from redis.exceptions import (
 from limiter.base import LimitRule
 from limiter.failover import FAIL_CLOSED, FailoverLimiter
 from limiter.memory import MemoryLimiter
-from limiter.redis_connect import connect, lean_client
+from redisconn.connect import connect, lean_client
 from limiter.redis_limiter import RedisLimiter
-from limiter.resp import RespAddress, RespClient, RespParser, encode_command
+from redisconn.resp import RespAddress, RespClient, RespParser, encode_command
 from tests.support.redis_servers import RedisServer, free_port
 from tests.test_fuzz_support import examples
 

@@ -13,10 +13,10 @@ import pytest
 
 from telemetry.notify import highest_bucket, slack_text
 from tests.conftest import TOKEN_A, TOKEN_B, actor, limits
-from tests.support.fake_slack import FakeSlack
+from fakes.slack import FakeSlack
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
-from tests.support.processes import wait_until
+from fakes.processes import wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"

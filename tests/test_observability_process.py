@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ANTHROPIC_KEY, TOKEN_A
-from tests.support.processes import GatewayProcess, wait_until
+from fakes.processes import GatewayProcess, wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"

@@ -11,10 +11,10 @@ import pytest
 
 from handlers.base import BaseHandler
 from tests.conftest import ANTHROPIC_KEY, TOKEN_A, actor
-from tests.support.fake_sentry import FakeSentry
+from fakes.sentry import FakeSentry
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
-from tests.support.processes import wait_until
+from fakes.processes import wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"

@@ -23,8 +23,8 @@ from telemetry.logs import JsonFormatter
 from tests.conftest import TOKEN_A, TOKEN_B, actor, limits
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
-from tests.support.otlp_receiver import OtlpReceiver
-from tests.support.processes import wait_until
+from fakes.otlp import OtlpReceiver
+from fakes.processes import wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"

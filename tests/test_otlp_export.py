@@ -19,7 +19,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import NonRecordingSpan, TraceState
 
 from telemetry.otlp_export import LoopSpanExporter, encode_json, encode_protobuf, parse_headers
-from tests.support.otlp_receiver import OtlpReceiver, decode
+from fakes.otlp import OtlpReceiver, decode
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -29,7 +29,7 @@ from tests.providers_support import (  # noqa: F401  (fixtures)
     start_module_wired,
     start_wired,
 )
-from tests.support.processes import wait_until
+from fakes.processes import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -25,8 +25,8 @@ from tests.providers_support import (  # noqa: F401  (fixtures)
     start_module_wired,
     start_wired,
 )
-from tests.support.fake_graphql import FakeGraphQLThread
-from tests.support.processes import wait_until
+from fakes.graphql import FakeGraphQLThread
+from fakes.processes import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -268,7 +268,7 @@ class TestPromptStores:
         asyncio.run(scenario())
 
     def test_redis_store(self, redis_server: Any) -> None:
-        from limiter.redis_connect import connect
+        from redisconn.connect import connect
 
         async def scenario() -> None:
             client = connect(redis_server.url, timeout_ms=1000, max_connections=4)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import TOKEN_A, actor, limits
-from tests.support.processes import GatewayProcess, wait_until
+from fakes.processes import GatewayProcess, wait_until
 from tests.support.redis_servers import RedisClusterServers, RedisServer
 from tests.test_anthropic_messages import ROUTE, message_body
 

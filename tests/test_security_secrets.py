@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.fake_sentry import FakeSentry
-from tests.support.otlp_receiver import OtlpReceiver
-from tests.support.processes import wait_until
+from fakes.sentry import FakeSentry
+from fakes.otlp import OtlpReceiver
+from fakes.processes import wait_until
 from tests.test_fuzz_support import full_env, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
 
 CLIENT_TOKEN = "sgd_" + "5ec7e7" * 10 + "abcd"

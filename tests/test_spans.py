@@ -14,7 +14,7 @@ from opentelemetry.trace.span import TraceState
 
 from telemetry.otlp_export import encode_json, encode_protobuf
 from telemetry.spans import LeanSpan, LeanTracer
-from tests.support.otlp_receiver import decode
+from fakes.otlp import decode
 
 pytestmark = pytest.mark.timeout(30)
 

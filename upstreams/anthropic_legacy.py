@@ -22,7 +22,7 @@ import orjson
 from conf.model import AnthropicConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
-from upstreams.callbase import BufferedCall, at_least_one
+from upstreams.buffered_call import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
     opt_bool,

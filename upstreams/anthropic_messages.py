@@ -19,7 +19,7 @@ import orjson
 from conf.model import AnthropicConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
-from upstreams.callbase import BufferedCall, usage_count
+from upstreams.buffered_call import BufferedCall, usage_count
 from upstreams.decode import (
     known_fields,
     opt_bool,

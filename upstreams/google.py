@@ -29,7 +29,7 @@ import orjson
 from conf.model import GoogleConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
-from upstreams.callbase import BufferedCall, at_least_one, usage_count
+from upstreams.buffered_call import BufferedCall, at_least_one, usage_count
 from upstreams.decode import (
     known_fields,
     opt_bool,

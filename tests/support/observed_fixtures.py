@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.observed_gateway import InProcessGateway
-from tests.support.processes import write_actors
+from fakes.processes import write_actors
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from conf.model import EventsConfig
-from telemetry.events import Event, EventSink
+from usage.events import Event, EventSink
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ In a test::
 
 Standalone (for trying the gateway by hand)::
 
-    python -m tests.support.fake_bigquery --port 9050
+    python -m fakes.bigquery --port 9050
 """
 
 from __future__ import annotations

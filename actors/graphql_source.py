@@ -14,7 +14,7 @@ from actors.model import FEATURES, Actor, RateLimit
 from actors.redis_cache import ActorCache, make_actor_cache, token_key
 from conf.model import ActorsConfig
 
-log = logging.getLogger("gateway.actors.remote")
+log = logging.getLogger("gateway.actors.graphql_source")
 
 # The reference's maybeResetUsageData hook: forget (actor id, feature) usage.
 ResetUsage = Callable[[str, str], Awaitable[None]]

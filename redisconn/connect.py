@@ -11,7 +11,7 @@ The client does no I/O until its first command. Whoever calls ``connect``
 owns the client and closes it with ``await client.aclose()``.
 
 ``lean_client`` turns a single-node client from ``connect`` into the
-limiter's own RESP2 client (limiter/resp.py) for the same server, database,
+limiter's own RESP2 client (redisconn/resp.py) for the same server, database,
 credentials, TLS settings and timeout.
 """
 
@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from limiter.resp import RespAddress, RespClient
+from redisconn.resp import RespAddress, RespClient
 
 _SINGLE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")

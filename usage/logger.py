@@ -47,9 +47,9 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.locks import Condition, Event as TornadoEvent
 
 from conf.model import EventsConfig
-from telemetry.events import Event, EventSink
-from telemetry.sinks import RejectedRows
-from telemetry.spool import Log, ReplayCursor, Spool
+from usage.events import Event, EventSink
+from usage.sinks import RejectedRows
+from usage.spool import Log, ReplayCursor, Spool
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import orjson
 
-from telemetry.events import Event
+from usage.events import Event
 
 log = logging.getLogger(__name__)
 

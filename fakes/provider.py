@@ -10,7 +10,7 @@ gateway forwards prompt text verbatim, not arbitrary headers). The full
 contract, with an example per directive, is in docs/fake-provider.md.
 
 Standalone on purpose: it imports nothing from the gateway, so it can run as
-its own process (``python bench/fake_provider.py --port 8080``) or inside the
+its own process (``python fakes/provider.py --port 8080``) or inside the
 gateway's loop for ``--demo`` (``await start_fake_provider()``).
 
 Hot path notes: load tests push tens of thousands of SSE events per second

@@ -1,4 +1,11 @@
-"""A local OTLP/HTTP trace collector for tests: keeps every post, decodes JSON and protobuf alike."""
+"""A local OTLP/HTTP trace collector: keeps every post, decodes JSON and protobuf alike.
+
+Tests use it in-process (``OtlpReceiver()``); benchmarks run it as a process
+that only counts what it gets, so that "tracing on" includes the exporter's
+encoding and posts as in production:
+
+    python -m fakes.otlp --port 0     # prints "otlp sink listening on http://..."
+"""
 
 from __future__ import annotations
 
@@ -41,8 +48,10 @@ def decode(body: bytes, content_type: str) -> ExportTraceServiceRequest:
 class OtlpReceiver:
     """Answers each POST with ``statuses`` in turn (then 200); records bodies and headers (names lower-cased)."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, *, keep: bool = True, port: int = 0) -> None:
         self.posts: list[tuple[dict[str, str], bytes]] = []
+        self.count = 0
+        self.bytes = 0
         self.statuses = list(statuses or [])
         self.lock = threading.Lock()
         receiver = self
@@ -52,7 +61,9 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver.lock:
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
-                    if status == 200:
+                    receiver.count += 1
+                    receiver.bytes += len(body)
+                    if status == 200 and keep:
                         receiver.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 self.send_response(status)
                 self.send_header("Content-Type", self.headers.get("Content-Type", "application/json"))
@@ -62,7 +73,7 @@ class OtlpReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -92,3 +103,23 @@ class OtlpReceiver:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+
+def main() -> None:
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="OTLP/HTTP sink that counts posts (for benchmarks)")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    receiver = OtlpReceiver(keep=False, port=args.port)
+    print(f"otlp sink listening on {receiver.url}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    receiver.stop()
+
+
+if __name__ == "__main__":
+    main()

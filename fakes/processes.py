@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening on (http://[\w.\[\]:-]+:(\d+))")
 
 
@@ -115,7 +115,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 class FakeProviderProcess:
     def __init__(self, extra_args: list[str] | None = None) -> None:
         self.process = ManagedProcess(
-            [sys.executable, "bench/fake_provider.py", "--port", "0", *(extra_args or [])], name="fake provider"
+            [sys.executable, "-m", "fakes.provider", "--port", "0", *(extra_args or [])], name="fake provider"
         )
         match = self.process.wait_for(r"fake provider listening on (http://[\w.:-]+:\d+)")
         self.base_url = match.group(1)
