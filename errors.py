@@ -88,3 +88,40 @@ class ServiceUnavailable(GatewayError):
 class UpstreamTimeout(GatewayError):
     status = 504
     code = "upstream_timeout"
+
+
+# The SDK routes answer errors in the SDK's own shape, so that the SDK's
+# exception text carries the gateway's message (SPEC point 1).
+NATIVE, ANTHROPIC, OPENAI = "native", "anthropic", "openai"
+
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
+
+
+def error_style(path: str) -> str:
+    if path.startswith("/anthropic/"):
+        return ANTHROPIC
+    if path.startswith("/openai/"):
+        return OPENAI
+    return NATIVE
+
+
+def error_payload(style: str, status: int, message: str) -> dict[str, object]:
+    """The JSON body of an error answer in ``style`` (NATIVE, ANTHROPIC or OPENAI)."""
+    if style == ANTHROPIC:
+        kind = _ANTHROPIC_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    if style == OPENAI:
+        kind = _OPENAI_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": message}

@@ -80,6 +80,7 @@ async def serve(
         log.info("listening on http://%s:%d", config.host, port)
     else:
         log.info("worker %d serving http://%s:%d", worker, config.host, port)
+    services.ready = True
     if demo_token is not None:
         _print_demo_help(config.host, port, demo_token)
 

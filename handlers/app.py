@@ -10,6 +10,8 @@ from handlers.base import NotFoundHandler
 from handlers.completions import CompletionsHandler
 from handlers.diagnostics import (
     HealthHandler,
+    LiveHandler,
+    ReadyHandler,
     UnknownDiagnosticsHandler,
     VersionHandler,
 )
@@ -27,6 +29,8 @@ def make_app(services: Services, extra_routes: list[Route] | None = None) -> tor
     routes: list[Route] = [
         (r"/-/__version", VersionHandler, {}),
         (r"/-/healthz", HealthHandler, {}),
+        (r"/-/readyz", ReadyHandler, {}),
+        (r"/-/livez", LiveHandler, {}),
         (r"/metrics", MetricsHandler, {}),
         openapi_route(),
         (r"/v1/limits", LimitsHandler, {}),

@@ -19,7 +19,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from actors.chain import TokenDeniedError
 from actors.model import Actor
 from actors.tokens import parse_bearer
-from errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge
+from errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, error_payload, error_style
 from handlers.services import Services
 from limiter.base import CONCURRENCY, Decision
 from usage import events as ev
@@ -197,7 +197,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if status_code == 405:
             message = "method not allowed"
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
-        self.finish(orjson.dumps({"error": message}))
+        self.finish(orjson.dumps(error_payload(error_style(self.request.path), status_code, message)))
 
     def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -20,6 +20,35 @@ class VersionHandler(BaseHandler):
     head = get
 
 
+class LiveHandler(BaseHandler):
+    """``/-/livez``: answers while the event loop does; no credentials, no details."""
+
+    route_class = "probe"
+    operation = "probe"
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("ok")
+
+    head = get
+
+
+class ReadyHandler(LiveHandler):
+    """``/-/readyz``: 503 until start-up completes and from the moment a drain begins,
+    so a load balancer stops routing here before the open streams end."""
+
+    def get(self) -> None:
+        services = self.services
+        if services.ready and not services.draining:
+            super().get()
+            return
+        self.set_status(503)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("draining" if services.draining else "starting")
+
+    head = get
+
+
 class DiagnosticsHandler(BaseHandler):
     """Base for endpoints behind ``Authorization: Bearer <diagnostics secret>``."""
 

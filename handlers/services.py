@@ -31,4 +31,7 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
     # Live requests, for the SIGTERM drain.
     in_flight: int = 0
+    # Readiness (/-/readyz): set once the server listens, cleared by nothing;
+    # ``draining`` takes precedence from SIGTERM on.
+    ready: bool = False
     draining: bool = False

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.error_shapes import error_message
 from tests.conftest import DEFAULT_ACTORS, DIAGNOSTICS_SECRET, TOKEN_A
 from fakes.processes import GatewayProcess, wait_until, write_actors
 
@@ -140,5 +141,5 @@ def assert_json_error(response: httpx.Response, status: int, contains: str = "")
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json"), response.headers
     body = response.json()
-    assert set(body) == {"error"} and contains in body["error"], body
+    assert contains in error_message(body, response.request.url.path), body
     return body

@@ -10,6 +10,7 @@ import anthropic
 import httpx
 import pytest
 
+from tests.support.error_shapes import error_message
 from tests.conftest import ANTHROPIC_KEY, DIAGNOSTICS_SECRET, TOKEN_A, actor, limits
 from fakes.processes import GatewayProcess, wait_until
 
@@ -44,8 +45,7 @@ def assert_json_error(response: httpx.Response, status: int, contains: str = "")
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"} and isinstance(body["error"], str)
-    assert contains in body["error"], body
+    assert contains in error_message(body, response.request.url.path), body
     assert response.headers.get("X-Trace") and response.headers.get("X-Trace-Span")
     return body
 

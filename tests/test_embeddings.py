@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.error_shapes import error_message
 from fakes.provider import embedding_vector
 from tests.conftest import DIAGNOSTICS_SECRET, limits
 from fakes.processes import LISTENING, REPO, FakeProviderProcess, GatewayProcess, ManagedProcess, wait_until, write_actors
@@ -144,9 +145,9 @@ def with_text(fake: FakeProviderProcess, marker: str) -> list[dict[str, Any]]:
 def assert_error(response: httpx.Response, status: int, contains: str = "") -> str:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and contains in body["error"], body
-    return body["error"]
+    message = error_message(response.json(), response.request.url.path)
+    assert contains in message, response.text
+    return message
 
 
 def close(a: list[float], b: list[float]) -> bool:
@@ -263,8 +264,9 @@ def test_openai_sdk_embeddings_create(gw: EmbeddingsGateway, fake_provider: Fake
 def test_openai_sdk_errors(gw: EmbeddingsGateway) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         sdk(gw).embeddings.create(model="text-embedding-ada-002", input=["fine", ""])
-    # The SDK exposes our {"error": message} body as the error's body.
-    assert info.value.body == "cannot generate embeddings for an empty string"
+    # The SDK finds our message where it looks for OpenAI's own.
+    assert info.value.body["message"] == "cannot generate embeddings for an empty string"
+    assert "cannot generate embeddings for an empty string" in str(info.value)
     with pytest.raises(openai.AuthenticationError):
         sdk(gw, tok="sgd_" + "9" * 64).embeddings.create(model="text-embedding-ada-002", input="x")
 
@@ -391,7 +393,7 @@ def check_quota_burst(gw: EmbeddingsGateway, fake: FakeProviderProcess, tok: str
     assert len(upstream_requests(fake, user=user)) == 5
     for r in refused:
         body = r.json()
-        assert body["error"].startswith('you have exceeded the rate limit of 100 requests'), body
+        assert error_message(body, "/v1/embeddings").startswith('you have exceeded the rate limit of 100 requests'), body
         assert int(r.headers["Retry-After"]) >= 1
         assert r.headers["X-RateLimit-Limit"] == "100" and r.headers["X-RateLimit-Remaining"] == "0"
     limited = wait_until(lambda: (lambda evs: evs if len(evs) >= 7 else None)(

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.error_shapes import error_message
 from tests.conftest import DIAGNOSTICS_SECRET
 from tests.test_fuzz_schemathesis import assert_clean_log
 from tests.test_fuzz_support import counted, examples, full_env, fuzz_summary, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
@@ -163,7 +164,8 @@ def test_raw_requests_never_crash_hang_or_5xx(gateway: Any) -> None:
         if status >= 400 and not raw.startswith(b"HEAD"):
             assert headers.get("content-type", "").startswith("application/json"), (raw[:300], response[:500])
             payload = json.loads(body)
-            assert set(payload) == {"error"} and payload["error"], payload
+            path = raw.split(b" ", 2)[1].decode("latin-1") if raw.count(b" ") >= 2 else "/"
+            assert error_message(payload, path), payload
 
     run()
     # Still serving, and nothing unhandled in the log.

@@ -151,7 +151,8 @@ def test_gateway_errors_reach_the_sdk_as_its_error_classes(start_wired: Any) -> 
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "two"}])
     # SPEC point 1: the gateway's own errors are {"error": "<message>"}.
-    assert "rate limit of 1 requests" in info.value.response.json()["error"]
+    assert "rate limit of 1 requests" in info.value.response.json()["error"]["message"]
+    assert "rate limit of 1 requests" in str(info.value)
     assert int(info.value.response.headers["Retry-After"]) >= 1
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=gw.base_url + "/openai/v1", api_key="sgd_" + "f" * 64, max_retries=0).chat.completions.create(
