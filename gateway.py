@@ -51,8 +51,12 @@ async def serve(
     from tornado.httpserver import HTTPServer
     from tornado.ioloop import PeriodicCallback
 
-    from wiring import build_gateway
+    from wiring import StartupError, build_gateway
 
+    try:
+        sockets = sockets or _bind(config)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
     gateway = await build_gateway(config, version=_version())
     services = gateway.services
     server = HTTPServer(
@@ -73,7 +77,6 @@ async def serve(
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 100)
-    sockets = sockets or _bind(config)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     if worker is None:
@@ -140,7 +143,11 @@ def run_workers(config: Config) -> int:
     import shutil
     import time
 
-    groups = _bind_per_worker(config)
+    try:
+        groups = _bind_per_worker(config)
+    except OSError as exc:
+        print(f"gateway: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     port = groups[0][0].getsockname()[1]
     metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(config.base_dir) / "var" / "prometheus")))
     shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -163,9 +170,14 @@ def run_workers(config: Config) -> int:
                 if other != index:
                     for sock in group:
                         sock.close()
+            from wiring import StartupError
+
             try:
                 _use_uvloop()
                 asyncio.run(serve(config, sockets=groups[index], worker=index))
+            except StartupError as exc:
+                print(f"gateway: {exc}", file=sys.stderr, flush=True)
+                os._exit(2)
             except BaseException:
                 log.exception("worker %d crashed", index)
                 os._exit(1)
@@ -202,6 +214,12 @@ def run_workers(config: Config) -> int:
 
         mark_worker_dead(pid)
         exit_code = os.waitstatus_to_exitcode(code)
+        if exit_code == 2 and not stopping:
+            # A worker that cannot start (Redis, actors file) would fail the same way again.
+            stopping = True
+            status = 2
+            forward(signal.SIGTERM, None)
+            continue
         if not stopping and exit_code != 0:
             log.error("worker %d exited with status %d; restarting it", index, exit_code)
             time.sleep(0.5)
@@ -248,7 +266,7 @@ async def start_demo(config_path: str | None, overrides: dict[str, Any]) -> tupl
         )
     )
     demo_overrides = {
-        "actors.static_file": str(actors_file),
+        "actors.static_file": str(actors_file.resolve()),
         "diagnostics_secret": os.environ.get("CODY_GATEWAY_DIAGNOSTICS_SECRET") or secrets.token_hex(16),
     }
     for provider in ("anthropic", "openai", "fireworks", "google"):
@@ -319,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             await serve(config)
 
+    from wiring import StartupError
+
     try:
         asyncio.run(run())
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     return 0

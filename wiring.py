@@ -6,6 +6,7 @@ each part's construction is in one readable place.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from actors.anonymous import AnonymousSource
 from actors.base import ActorSource
 from actors.chain import SourceChain
 from actors.remote_setup import REMOTE_SOURCES, RemoteActors
-from actors.static import StaticSource
+from actors.static import StaticActorsError, StaticSource
 from conf.loader import resolve_path
 from conf.model import Config
 from handlers.services import Services
@@ -28,6 +29,10 @@ from usage.logger import EventLogger
 from usage.sinks import build_sink
 
 log = logging.getLogger("gateway")
+
+
+class StartupError(Exception):
+    """A start that cannot go on; gateway.py prints the message as one line and exits 2."""
 
 
 async def build_limiter(config: Config, *, observe_redis: Any = None) -> Limiter:
@@ -44,8 +49,14 @@ async def build_limiter(config: Config, *, observe_redis: Any = None) -> Limiter
     log.info("limiter: Redis, failure policy %s", config.redis.failure_policy)
     primary = RedisLimiter(client, owns_client=True)
     try:
-        await primary.load_scripts()
+        await asyncio.wait_for(primary.load_scripts(), max(1.0, config.redis.timeout_ms / 1000 * 4))
     except Exception as exc:  # Redis may be down at start; the failover policy covers it
+        if config.redis.failure_policy == "fail_closed":
+            await primary.close()
+            raise StartupError(
+                f"Redis at the configured redis.endpoint is unreachable and redis.failure_policy is fail_closed: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
         log.warning("could not preload limiter scripts: %s", exc)
     return FailoverLimiter(
         primary,
@@ -92,12 +103,23 @@ def build_actor_chain(
                 )
             )
         elif name == "static":
+            path = Path(resolve_path(config, actors.static_file))
             static = StaticSource(
-                Path(resolve_path(config, actors.static_file)),
+                path,
                 concurrency_percentage=actors.concurrency_limit_percentage,
                 concurrency_interval_s=actors.concurrency_limit_interval,
             )
-            static.load_initial()
+            if not path.exists() and not actors.static_file_optional:
+                raise StartupError(
+                    f"static actors file {path} does not exist (actors.static_file, CODY_GATEWAY_STATIC_ACTORS_FILE; "
+                    "set actors.static_file_optional = true to start without it)"
+                )
+            try:
+                static.load_initial()
+            except StaticActorsError as exc:
+                raise StartupError(f"static actors file {path} is invalid: {exc}") from exc
+            except OSError as exc:
+                raise StartupError(f"static actors file {path} cannot be read: {exc.strerror or exc}") from exc
             sources.append(static)
         elif name in REMOTE_SOURCES:
             source = remote.source(name) if remote is not None else None
@@ -203,14 +225,22 @@ async def build_gateway(
     warm_up()
 
     metrics = build_metrics(config, version)
+    # What can refuse the start (Redis under fail_closed, the actors file) comes
+    # first, before anything that runs in the background is started.
     limiter = await build_limiter(config, observe_redis=metrics.redis_call)
-    events = build_event_logger(config)
-    events.start()
     cache_redis, lock_redis = connect_actor_redis(config)
     remote = build_remote_actors(
         config, http_client=http_client, cache_redis=cache_redis, reset_usage=limiter.reset, version=version
     )
-    chain, static_source = build_actor_chain(config, limiter=limiter, http_client=http_client, remote=remote)
+    try:
+        chain, static_source = build_actor_chain(config, limiter=limiter, http_client=http_client, remote=remote)
+    except StartupError:
+        await limiter.close()
+        for client in {id(c): c for c in (cache_redis, lock_redis) if c is not None}.values():
+            await client.aclose()
+        raise
+    events = build_event_logger(config)
+    events.start()
     tracing = Tracing(config.telemetry, version=version, extra_processors=span_processors)
     services = Services(
         config=config,

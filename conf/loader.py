@@ -242,8 +242,11 @@ def load_config(
                 problems.append(f"providers.{name}.allowed_models: must not be empty when the provider is enabled")
     if problems:
         raise ConfigError(problems)
-    # Relative paths (actors file, events file, spool) are relative to the working directory.
-    return _freeze(doc, base_dir=os.getcwd())
+    # Relative paths (actors file, events file, spool) resolve against the config
+    # file's directory, whatever the working directory; for the embedded default
+    # that is the repository root, where its paths (conf/actors.json, var/) point.
+    base_dir = config_path.resolve().parent if path else DEFAULT_CONFIG_PATH.resolve().parent.parent
+    return _freeze(doc, base_dir=str(base_dir))
 
 
 def _freeze(doc: dict[str, Any], *, base_dir: str) -> Config:

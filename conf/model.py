@@ -125,6 +125,7 @@ class ActorsConfig:
     sources_sync_interval: float
     sources_cache_ttl: float
     dotcom_api_url: str
+    static_file_optional: bool
     dotcom_access_token: str
     dotcom_client_id: str
     dotcom_actor_cooldown: float

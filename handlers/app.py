@@ -6,7 +6,7 @@ from typing import Any
 
 import tornado.web
 
-from handlers.base import NotFoundHandler
+from handlers.base import DisabledRouteHandler, NotFoundHandler
 from handlers.completions import CompletionsHandler
 from handlers.diagnostics import (
     HealthHandler,
@@ -20,7 +20,7 @@ from handlers.limits import LimitsHandler, LimitsRefreshHandler
 from handlers.metrics import MetricsHandler
 from handlers.openapi import openapi_route
 from handlers.services import Services
-from upstreams.registry import completion_routes
+from upstreams.registry import completion_routes, disabled_routes
 
 Route = tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]
 
@@ -42,6 +42,7 @@ def make_app(services: Services, extra_routes: list[Route] | None = None) -> tor
         (route.path, CompletionsHandler, {"provider": route.provider, "sdk_route": route.sdk_route})
         for route in completion_routes(services.config)
     ]
+    routes += [(path, DisabledRouteHandler, {"message": message}) for path, message in disabled_routes(services.config)]
     routes.append((r"/-/.*", UnknownDiagnosticsHandler, {}))
     return tornado.web.Application(
         [(pattern, handler, {"services": services, **kwargs}) for pattern, handler, kwargs in routes],

@@ -55,6 +55,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.token = ""
         self._finalized = False
         self._counted = True
+        # The message of an error answer, for the access line.
+        self.error_message: str | None = None
         # Telemetry that can wait until the response is out (see after_response).
         self._after_response: list[Callable[[], None]] = []
         services.in_flight += 1
@@ -136,6 +138,9 @@ class BaseHandler(tornado.web.RequestHandler):
             raise
         if not actor.access_allowed(self.request.path):
             self.record_event(ev.Event(ev.ACCESS_DENIED, actor.source, actor.id, {}))
+            if not token:
+                where = "Authorization: Bearer <token> or x-api-key" if self.accepts_api_key_header else "Authorization: Bearer <token>"
+                raise Forbidden(f"Cody Gateway access not enabled: no token was sent ({where}) and anonymous access is disabled")
             raise Forbidden("Cody Gateway access not enabled")
         self.actor = actor
         if self.span is not None and self.span.is_recording():
@@ -196,6 +201,7 @@ class BaseHandler(tornado.web.RequestHandler):
             message = "internal server error"
         if status_code == 405:
             message = "method not allowed"
+        self.error_message = message
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
         self.finish(orjson.dumps(error_payload(error_style(self.request.path), status_code, message)))
 
@@ -250,6 +256,21 @@ class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         self.start_span()
         raise NotFound("404 page not found")
+
+
+class DisabledRouteHandler(BaseHandler):
+    """A route whose provider has no credentials: 404 naming the provider and the variable
+    that enables it (a mistyped path keeps the plain 404)."""
+
+    route_class = "disabled"
+
+    def initialize(self, services: Services, message: str = "", **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(services, **kwargs)
+        self.message = message
+
+    def prepare(self) -> None:
+        self.start_span()
+        raise NotFound(self.message)
 
 
 @tornado.web.stream_request_body

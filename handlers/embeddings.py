@@ -24,7 +24,7 @@ from actors.limits import evaluate_allowed_models, is_model_allowed
 from actors.model import EMBEDDINGS, Actor
 from errors import BadRequest, Forbidden
 from handlers.admission import LimitedRequest, rate_limit_headers, rejection
-from handlers.base import BaseHandler, UpstreamHandler
+from handlers.base import BaseHandler, DisabledRouteHandler, UpstreamHandler
 from handlers.services import Services
 from usage import events as ev
 from upstreams.decode import known_fields, opt_bool, opt_int, opt_str, parse_body
@@ -85,11 +85,13 @@ def embedding_routes(services: Services) -> list[tuple[str, type[BaseHandler], d
     """The embeddings routes, present when at least one embeddings provider has credentials."""
     config = services.config
     if not config.providers.openai.access_token and not config.providers.sourcegraph_embeddings.access_token:
-        log.warning(
-            "embeddings are disabled: no access token (CODY_GATEWAY_OPENAI_ACCESS_TOKEN or "
-            "CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN)"
-        )
-        return []
+        variables = "CODY_GATEWAY_OPENAI_ACCESS_TOKEN or CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN"
+        log.warning("embeddings are disabled: no access token (%s)", variables)
+        message = f"embeddings are disabled on this gateway: set {variables} to enable them"
+        return [
+            (path, DisabledRouteHandler, {"message": message})
+            for path in (r"/v1/embeddings", r"/v1/embeddings/models", r"/openai/v1/embeddings")
+        ]
     embeddings = Embeddings(services)
     for provider, env in (("openai", "CODY_GATEWAY_OPENAI_ACCESS_TOKEN"), ("sourcegraph", "CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN")):
         if provider not in embeddings.clients:

@@ -348,6 +348,11 @@ class Observability(Observer):
             fields_["outcome"] = facts.outcome
         if usage is not None:
             fields_["input_tokens"], fields_["output_tokens"] = usage
+        if facts.status >= 400:
+            # The formatter scrubs secrets from the whole line, this message included.
+            message = getattr(handler, "error_message", None)
+            if message:
+                fields_["error"] = message[:_MAX_TEXT]
         return fields_
 
     @staticmethod

@@ -485,7 +485,7 @@ def test_models_listing_per_actor(gw: EmbeddingsGateway) -> None:
 def test_routes_follow_provider_credentials(launch: Callable[..., EmbeddingsGateway]) -> None:
     none = launch(env={"CODY_GATEWAY_OPENAI_ACCESS_TOKEN": "", "CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN": ""})
     for path in ("/v1/embeddings", "/openai/v1/embeddings"):
-        assert_error(post(none, {"model": ADA, "input": ["x"]}, path=path), 404)
+        assert_error(post(none, {"model": ADA, "input": ["x"]}, path=path), 404, "embeddings are disabled on this gateway: set")
     assert httpx.get(none.base_url + "/v1/embeddings/models", headers={"Authorization": f"Bearer {MAIN}"}, timeout=10).status_code == 404
     assert "embeddings are disabled" in none.process.output()
 

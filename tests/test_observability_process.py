@@ -109,3 +109,21 @@ def test_workers_share_the_connections(start_gateway: Callable[..., GatewayProce
     assert set(served) == {0, 1}, served
     # 40 connections hashed over 2 sockets: fewer than 8 on one is a 1-in-50,000 event.
     assert min(served.values()) >= 8, served
+
+
+def test_access_line_of_an_error_carries_its_message_scrubbed(start_gateway: Callable[..., GatewayProcess]) -> None:
+    gw = start_gateway()
+    # A message that quotes what the client sent: the configured secret must not survive in the log.
+    bad = httpx.post(gw.base_url + ROUTE, headers={"Authorization": f"Bearer {TOKEN_A}", "X-Sourcegraph-Feature": "chat_completions"},
+                     json={"model": ANTHROPIC_KEY, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, timeout=10)  # fmt: skip
+    assert bad.status_code == 400
+
+    def error_line() -> dict[str, Any] | None:
+        for line in gw.process.output().splitlines():
+            if '"gateway.access"' in line and '"status":400' in line:
+                return dict(json.loads(line))
+        return None
+
+    line = wait_until(error_line, what="the 400's access line")
+    assert "is not allowed" in line["error"], line
+    assert ANTHROPIC_KEY not in gw.process.output()

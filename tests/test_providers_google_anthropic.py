@@ -136,8 +136,12 @@ def test_legacy_anthropic_non_stream_and_validation(gw: WiredGateway, fake_provi
 
 def test_routes_exist_only_for_providers_with_credentials(start_wired: Any) -> None:
     gw = start_wired(env={"CODY_GATEWAY_OPENAI_ACCESS_TOKEN": "", "CODY_GATEWAY_GOOGLE_ACCESS_TOKEN": ""})
-    for path in ("/v1/completions/openai", "/openai/v1/chat/completions", "/v1/completions/google"):
-        assert_json_error(post(gw, path, {"model": "x"}), 404, "404 page not found")
+    for path, provider in (("/v1/completions/openai", "openai"), ("/openai/v1/chat/completions", "openai"), ("/v1/completions/google", "google")):
+        # The 404 names the disabled provider and the variable that enables it ...
+        assert_json_error(post(gw, path, {"model": "x"}), 404, f"provider {provider} is disabled on this gateway: "
+                          f"set CODY_GATEWAY_{provider.upper()}_ACCESS_TOKEN to enable it")  # fmt: skip
+    # ... and a mistyped path keeps the plain one.
+    assert_json_error(post(gw, "/v1/completions/openia", {"model": "x"}), 404, "404 page not found")
     assert post(gw, "/v1/completions/fireworks", {"model": "starcoder", "prompt": "x"}, feature="code_completions").status_code == 200
     assert post(gw, LEGACY, {"model": "claude-2", "prompt": "x", "max_tokens_to_sample": 5}).status_code == 200
     log = gw.process.output()

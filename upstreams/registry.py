@@ -36,10 +36,33 @@ class CompletionRoute:
     sdk_route: bool = False
 
 
+# The paths each provider serves, for the 404 that names a disabled provider.
+PROVIDER_PATHS: dict[str, tuple[str, ...]] = {
+    "anthropic": ("/v1/completions/anthropic", "/v1/completions/anthropic-messages", "/anthropic/v1/messages"),
+    "openai": ("/v1/completions/openai", "/openai/v1/chat/completions"),
+    "fireworks": ("/v1/completions/fireworks",),
+    "google": ("/v1/completions/google",),
+}
+
+
+def enabling_variable(provider: str) -> str:
+    return f"CODY_GATEWAY_{provider.upper()}_ACCESS_TOKEN"
+
+
 def _disabled(provider: str) -> None:
-    log.warning(
-        "provider %s is disabled: no access token (CODY_GATEWAY_%s_ACCESS_TOKEN)", provider, provider.upper()
-    )
+    log.warning("provider %s is disabled: no access token (%s)", provider, enabling_variable(provider))
+
+
+def disabled_routes(config: Config) -> list[tuple[str, str]]:
+    """(path, message) for every completion path whose provider has no access token."""
+    providers = config.providers
+    out: list[tuple[str, str]] = []
+    for name, paths in PROVIDER_PATHS.items():
+        if getattr(providers, name).access_token:
+            continue
+        message = f"provider {name} is disabled on this gateway: set {enabling_variable(name)} to enable it"
+        out += [(path, message) for path in paths]
+    return out
 
 
 def completion_routes(config: Config) -> list[CompletionRoute]:
