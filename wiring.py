@@ -25,6 +25,8 @@ from conf.model import Config
 from handlers.services import Services
 from limiter.base import Limiter
 from limiter.memory import MemoryLimiter
+from limiter.failover import FailoverLimiter
+from telemetry.request_telemetry import RequestTelemetry, build_metrics, build_request_telemetry
 from usage.logger import EventLogger
 from usage.sinks import build_sink
 
@@ -39,7 +41,6 @@ async def build_limiter(config: Config, *, observe_redis: Any = None) -> Limiter
     if not config.redis.endpoint:
         log.info("limiter: in-process (no REDIS_ENDPOINT)")
         return MemoryLimiter()
-    from limiter.failover import FailoverLimiter
     from redisconn.connect import connect
     from limiter.redis_limiter import RedisLimiter
 
@@ -128,14 +129,12 @@ def build_actor_chain(
     return SourceChain(sources, local_cache_ttl_s=actors.local_cache_ttl), static
 
 
-async def attach_extras(services: Services, *, http_client: AsyncHTTPClient, redis_client: Any | None = None) -> list[Any]:
-    """Optional parts: health probes, request screening, circuit breaker. Returns extra routes."""
-    from handlers.flagged_prompts import flagged_prompt_routes, make_screen_request
+def attach_health_and_breaker(services: Services) -> None:
+    """Health probes (event sink, Redis or the in-process limiter, circuits) and the circuit breaker."""
     from upstreams.circuit import CircuitBreaker
 
-    routes: list[Any] = []
     events = services.events
-    probes = services.extras.setdefault("health_probes", {})
+    probes = services.health_probes
 
     async def events_probe() -> dict[str, Any]:
         stats = events.stats() if isinstance(events, EventLogger) else {}
@@ -144,22 +143,16 @@ async def attach_extras(services: Services, *, http_client: AsyncHTTPClient, red
 
     probes["events"] = events_probe
     limiter = services.limiter
-    if hasattr(limiter, "health"):
+    if isinstance(limiter, FailoverLimiter):
         probes["redis"] = limiter.health
     else:
+
         async def memory_probe() -> dict[str, Any]:
             return {"ok": True, "limiter": "in-process"}
 
         probes["limiter"] = memory_probe
-
-    screen = make_screen_request(services.config, redis_client)
-    services.extras["screen_request"] = screen
-    routes += flagged_prompt_routes(screen.store)
-
-    breaker = CircuitBreaker(services.config.upstream)
-    services.extras["circuit_breaker"] = breaker
+    breaker = services.circuit_breaker = CircuitBreaker(services.config.upstream)
     probes["circuits"] = breaker.health_probe
-    return routes
 
 
 @dataclass
@@ -172,13 +165,13 @@ class Gateway:
     static_source: StaticSource | None
     sync_worker: Any | None
     redis_clients: list[Any]
-    observability: Any
+    telemetry: RequestTelemetry
 
     async def close(self, *, events_timeout_s: float = 10.0) -> None:
         services = self.services
         if self.sync_worker is not None:
             await self.sync_worker.stop()
-        for hook in services.extras.get("shutdown_hooks", []):
+        for hook in services.shutdown_hooks:
             try:
                 await hook()
             except Exception:
@@ -207,12 +200,14 @@ async def build_gateway(
     tests watch spans, send quota notifications through a Redis of their own
     and add routes of their own.
     """
+    from abuse.screening import make_screening
     from actors.remote_setup import build_remote_actors, build_sync_worker
     from handlers.actor_sync import SyncAllSourcesHandler
     from handlers.app import make_app
     from handlers.attribution import attribution_routes
-    from telemetry.observability import build_metrics, install_observability
+    from handlers.flagged_prompts import FlaggedPromptHandler, FlaggedPromptsHandler
     from telemetry.tracing import Tracing
+    from upstreams.retry import upstream_policy
     from upstreams.tokenizer import warm_up
     from upstreams.transport import Transport
 
@@ -249,13 +244,19 @@ async def build_gateway(
         events=events,
         transport=Transport(http_client, config.upstream),
         tracing=tracing,
+        retry_policy=upstream_policy(config.upstream),
         version=version,
     )
-    routes = list(extra_routes or [])
-    routes += await attach_extras(services, http_client=http_client, redis_client=lock_redis)
-    observability = install_observability(
+    attach_health_and_breaker(services)
+    screening = services.screening = make_screening(config, lock_redis)
+    request_telemetry = build_request_telemetry(
         services, metrics=metrics, http_client=http_client, redis=notify_redis or lock_redis
     )
+    routes = list(extra_routes or [])
+    routes += [
+        (r"/-/flagged-requests", FlaggedPromptsHandler, {"store": screening.store}),
+        (r"/-/flagged-requests/(.+)", FlaggedPromptHandler, {"store": screening.store}),
+    ]
     routes += attribution_routes(remote.attribution)
     routes.append((r"/-/actor/sync-all-sources", SyncAllSourcesHandler, {}))
     sync_worker = None
@@ -270,5 +271,5 @@ async def build_gateway(
         static_source=static_source,
         sync_worker=sync_worker,
         redis_clients=redis_clients,
-        observability=observability,
+        telemetry=request_telemetry,
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,10 +21,11 @@ from actors.tokens import parse_bearer
 from errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, error_payload, error_style
 from handlers.services import Services
 from limiter.base import CONCURRENCY, Decision
-from usage import events as ev
-from usage.logger import with_request_context
+from telemetry.record import RequestRecord
 from telemetry.tracing import span_ids
 from upstreams.transport import AbortFlag
+from usage import events as ev
+from usage.logger import with_request_context
 
 log = logging.getLogger("gateway.http")
 
@@ -44,37 +44,49 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def initialize(self, services: Services, **_: Any) -> None:
         self.services = services
-        self.started_at = time.monotonic()
-        self.actor: Actor | None = None
-        self.feature: str | None = None
-        self.model: str | None = None
-        self.span: Span | None = None
-        self.trace_id = ""
-        self.span_id = ""
+        request = self.request
+        self.record = RequestRecord(
+            self.route_class, self.operation, request.method or "", request.path, request.remote_ip or "",
+            request.headers.get("User-Agent") or "", time.monotonic(),
+        )  # fmt: skip
         # The caller's token, kept in memory for this request only (refreshes need it).
         self.token = ""
         self._finalized = False
         self._counted = True
-        # The message of an error answer, for the access line.
-        self.error_message: str | None = None
-        # Telemetry that can wait until the response is out (see after_response).
-        self._after_response: list[Callable[[], None]] = []
         services.in_flight += 1
+
+    # The record is the request's state; these read it for the handlers' own logic.
+    @property
+    def actor(self) -> Actor | None:
+        return self.record.actor
+
+    @property
+    def span(self) -> Span | None:
+        return self.record.span
+
+    @property
+    def trace_id(self) -> str:
+        return self.record.trace_id
 
     # -- lifecycle -----------------------------------------------------------
 
     def start_span(self) -> None:
         tracing = self.services.tracing
         request = self.request
-        self.span = tracing.start_request_span(
-            f"{self.operation}.{request.method} {request.path}",
+        record = self.record
+        span = record.span = tracing.start_request_span(
+            f"{record.operation}.{request.method} {request.path}",
             request.headers,
             {"http.request.method": request.method or "", "url.path": request.path},
         )
-        self.trace_id, self.span_id = span_ids(self.span)
-        self.set_header("X-Trace", self.trace_id)
-        self.set_header("X-Trace-Span", self.span_id)
-        self.set_header("X-Span", self.span_id)
+        record.trace_id, record.span_id = span_ids(span)
+        self.set_trace_headers()
+
+    def set_trace_headers(self) -> None:
+        record = self.record
+        self.set_header("X-Trace", record.trace_id)
+        self.set_header("X-Trace-Span", record.span_id)
+        self.set_header("X-Span", record.span_id)
 
     def prepare(self) -> None:
         self.start_span()
@@ -96,32 +108,22 @@ class BaseHandler(tornado.web.RequestHandler):
             self._finalized = True
             self.finalize()
 
-    def after_response(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the response has been written, before the request span ends.
-
-        For work the client need not wait for (metrics, span attributes);
-        the usage event is not such work: it is journaled before the last byte.
-        """
-        self._after_response.append(callback)
-
     def on_finish(self) -> None:
         self._finalize_once()
-        for callback in self._after_response:
-            callback()
-        self._after_response.clear()
         if self._counted:
             self._counted = False
             self.services.in_flight -= 1
-        status = self.get_status()
-        span = self.span
+        record = self.record
+        status = record.status = self.get_status()
+        # Metrics, span attributes and the access line: after the response is out,
+        # before the request span ends.
+        self.services.observer.finished(record)
+        span = record.span
         if span is not None and span.is_recording():
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
-        hook = self.services.extras.get("on_request_finished")
-        if hook is not None:
-            hook(self, status, time.monotonic() - self.started_at)
 
     # -- auth ------------------------------------------------------------------
 
@@ -131,8 +133,9 @@ class BaseHandler(tornado.web.RequestHandler):
         if not token and self.accepts_api_key_header:
             token = self.request.headers.get("x-api-key", "")
         self.token = token
+        record = self.record
         try:
-            actor = await self.services.observe.auth(self, self.services.actors.get(token))
+            actor = await self.services.observer.auth(record, self.services.actors.get(token))
         except TokenDeniedError as exc:
             self.record_event(ev.Event(ev.UNAUTHORIZED, exc.source, "unknown", {"reason": exc.reason}))
             raise
@@ -142,10 +145,11 @@ class BaseHandler(tornado.web.RequestHandler):
                 where = "Authorization: Bearer <token> or x-api-key" if self.accepts_api_key_header else "Authorization: Bearer <token>"
                 raise Forbidden(f"Cody Gateway access not enabled: no token was sent ({where}) and anonymous access is disabled")
             raise Forbidden("Cody Gateway access not enabled")
-        self.actor = actor
-        if self.span is not None and self.span.is_recording():
-            self.span.set_attribute("actor.id", actor.id)
-            self.span.set_attribute("actor.source", actor.source)
+        record.actor = actor
+        span = record.span
+        if span is not None and span.is_recording():
+            span.set_attribute("actor.id", actor.id)
+            span.set_attribute("actor.source", actor.source)
         return actor
 
     # SDK-compatible routes also accept the Anthropic SDK's x-api-key header.
@@ -159,9 +163,9 @@ class BaseHandler(tornado.web.RequestHandler):
             event,
             actor_uid=headers.get("X-Sourcegraph-Actor-UID"),
             anonymous_uid=headers.get("X-Sourcegraph-Actor-Anonymous-UID"),
-            trace_id=self.trace_id,
+            trace_id=self.record.trace_id,
         )
-        self.services.observe.record_event(self, event, self.services.events)
+        self.services.observer.record_event(self.record, event, self.services.events)
 
     def record_rate_limited(self, decision: Decision, feature: str) -> None:
         """The reference's RateLimited event, plus the metrics hook."""
@@ -175,9 +179,7 @@ class BaseHandler(tornado.web.RequestHandler):
             metadata["limit"] = decision.limit
             metadata["retry_after"] = rfc3339(time.time() + decision.retry_after_s)
         self.record_event(ev.Event(ev.RATE_LIMITED, actor.source, actor.id, metadata))
-        hook = self.services.extras.get("on_rate_limited")
-        if hook is not None:
-            hook(self, decision)
+        self.services.observer.rate_limited(self.record, decision)
 
     # -- errors ------------------------------------------------------------------
 
@@ -201,7 +203,7 @@ class BaseHandler(tornado.web.RequestHandler):
             message = "internal server error"
         if status_code == 405:
             message = "method not allowed"
-        self.error_message = message
+        self.record.error = message
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
         self.finish(orjson.dumps(error_payload(error_style(self.request.path), status_code, message)))
 
@@ -221,9 +223,7 @@ class BaseHandler(tornado.web.RequestHandler):
             # saying so lets keep-alive clients open a new one instead of
             # finding a reset on their next request.
             self.set_header("Connection", "close")
-        self.set_header("X-Trace", self.trace_id)
-        self.set_header("X-Trace-Span", self.span_id)
-        self.set_header("X-Span", self.span_id)
+        self.set_trace_headers()
         self.set_status(status_code, reason=None if status_code in _KNOWN_STATUSES else "Error")
         try:
             self.write_error(status_code, **kwargs)

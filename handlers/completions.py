@@ -11,37 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any
 
 import orjson
 from tornado.httputil import HTTPHeaders
-from tornado.ioloop import IOLoop
-from tornado.iostream import StreamClosedError
 
+from abuse.screening import Subject
 from actors.limits import evaluate_allowed_models, is_model_allowed, prefix_bare_models
 from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES
-from errors import (
-    BadRequest,
-    Forbidden,
-    GatewayError,
-    ServiceUnavailable,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from handlers.admission import (
-    LimitedRequest,
-    rate_limit_headers,
-    refresh_in_background,
-    rejection,
-)
+from errors import BadRequest, Forbidden, ServiceUnavailable, UpstreamError
+from handlers.admission import LimitedRequest, rate_limit_headers, refresh_in_background, rejection
 from handlers.base import UpstreamHandler
+from handlers.relay import StreamRelay
 from handlers.services import Services
-from usage import events as ev
+from telemetry.record import Outcome
 from upstreams import transport as tp
 from upstreams.base import Provider, ProviderCall
 from upstreams.buffered_call import MAX_BODY_FOR_USAGE
+from upstreams.circuit import CircuitBreaker
+from upstreams.retry import failure_error
+from usage import events as ev
 
 log = logging.getLogger("gateway.completions")
 
@@ -55,48 +45,34 @@ HOP_BY_HOP = frozenset(
 # Never relayed: framing is ours, cookies are the provider's business, and
 # server identity headers would describe the provider rather than us.
 NOT_RELAYED = HOP_BY_HOP | frozenset({"content-length", "set-cookie", "set-cookie2", "server", "date", "x-http-reason"})
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-# Without auto-flush, relay in blocks of this size (as Go's http server does).
-_FLUSH_THRESHOLD = 4096
-
-OUTCOME_COMPLETE = "complete"
-OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
-OUTCOME_UPSTREAM_ERROR = "upstream_error"
-OUTCOME_ERROR = "error"
-OUTCOME_CLIENT_TOO_SLOW = "client_too_slow"
 
 
 class CompletionsHandler(UpstreamHandler):
+    """auth (prepare) -> validate -> limit -> upstream -> relay -> record (finalize)."""
+
     route_class = "completions"
 
     def initialize(self, services: Services, provider: Provider, sdk_route: bool = False, **kwargs: Any) -> None:  # type: ignore[override]
+        self.operation = provider.operation
         super().initialize(services, **kwargs)
         self.provider = provider
-        self.operation = provider.operation
+        self.record.provider = provider.name
         self.sdk_route = sdk_route
         self.accepts_api_key_header = sdk_route
         self.limited = LimitedRequest(services)
         self.call: ProviderCall | None = None
         self.relaying = False
-        self.first_byte_sent = False
-        self.upstream_status: int | None = None
-        self.upstream_started: float | None = None
-        self.upstream_ended: float | None = None
-        self.time_to_first_byte_s: float | None = None
-        self.outcome = OUTCOME_ERROR
-        self.chunks_relayed = 0
         self.extra_metadata: dict[str, Any] = {}
         self._error_body = bytearray()
         self._body_buffer = bytearray()
-        self._last_chunk = b""
-        self._auto_flush = services.config.server.auto_flush_streaming
-        self._max_client_buffer = services.config.server.max_client_buffer_bytes
-        self._flush_scheduled = False
-        self._unflushed = 0
-        self._pending_bytes = 0
+        server = services.config.server
+        self.relay = StreamRelay(
+            self, lambda: self._finished or self.client_gone,
+            auto_flush=server.auto_flush_streaming, max_buffer=server.max_client_buffer_bytes,
+        )  # fmt: skip
         self.client_too_slow = False
 
-    # -- request ----------------------------------------------------------------
+    # -- 1. validate -------------------------------------------------------------
 
     def feature_from_header(self) -> str:
         raw = self.request.headers.get("X-Sourcegraph-Feature")
@@ -110,61 +86,72 @@ class CompletionsHandler(UpstreamHandler):
         return feature
 
     async def post(self) -> None:
-        actor = self.actor
+        record = self.record
+        actor = record.actor
         assert actor is not None
-        feature = self.feature_from_header()
-        self.feature = feature
+        feature = record.feature = self.feature_from_header()
         rate_limit = actor.limit_for(feature)
         if rate_limit is None:
             refresh_in_background(self.services, actor, self.token)
             raise Forbidden(f"no access to feature {feature}")
         timeout_s = self.upstream_timeout_s()
-        anonymous_uid = self.request.headers.get("X-Sourcegraph-Actor-UID", "")
+        headers = self.request.headers
         call = self.provider.parse(
             self.body(),
             feature=feature,
-            identifier=f"{actor.id}:{anonymous_uid}",
-            headers=self.request.headers,
+            identifier=f"{actor.id}:{headers.get('X-Sourcegraph-Actor-UID', '')}",
+            headers=headers,
         )
         provider = self.provider
-        model = f"{provider.name}/{call.info.model}"
-        self.model = model
+        info = call.info
+        model = record.model = f"{provider.name}/{info.model}"
+        record.upstream_model, record.stream, record.max_tokens = info.model, info.stream, info.max_tokens
         allowed = evaluate_allowed_models(prefix_bare_models(rate_limit.allowed_models, provider.name), provider.allowed_models)
         if not is_model_allowed(model, allowed, provider.virtual_models()):
             raise BadRequest(f'model "{model}" is not allowed, allowed: [{", ".join(allowed)}]')
-        screen = self.services.extras.get("screen_request")
-        if screen is not None:
-            # Abuse flagging / blocking (issue 8) plugs in here; it raises to block.
-            self.extra_metadata.update(await screen(self, call))
+        screening = self.services.screening
+        if screening is not None:
+            verdict = await screening.screen(
+                Subject(actor, feature, provider.name, record.trace_id,
+                        headers.get("X-Sourcegraph-Actor-UID", ""), headers.get("X-Sourcegraph-Actor-Anonymous-UID", "")),
+                call,
+            )  # fmt: skip
+            if verdict.blocked is not None:
+                self.record_event(verdict.blocked)
+            if verdict.error is not None:
+                raise verdict.error
+            self.extra_metadata.update(verdict.metadata)
         self.set_header("X-Cody-Resolved-Model", model)
 
+        # -- 2. limit ---------------------------------------------------------------
         rule = LimitedRequest.make_rule(
             actor.id, feature, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.lease_grace_s
         )
-        decision = await self.services.observe.limiter(
-            self, rule, self.limited.acquire(rule, cost=1, token_reserve=max(0, call.info.max_tokens or 0))
+        decision = await self.services.observer.limiter(
+            record, rule, self.limited.acquire(rule, cost=1, token_reserve=max(0, info.max_tokens or 0))
         )
         if not decision.allowed:
             self.record_rate_limited(decision, feature)
             refresh_in_background(self.services, actor, self.token)
             raise rejection(decision, feature)
+        record.decision = decision
         for name, value in rate_limit_headers(decision).items():
             self.set_header(name, value)
         self.call = call
-        breaker = self.services.extras.get("circuit_breaker")
+        breaker = self.services.circuit_breaker
         if breaker is not None and not breaker.available(model):
             raise ServiceUnavailable(
                 f"model {model} is currently unavailable", headers={"Retry-After": str(provider.default_retry_after_s)}
             )
-        await self.services.observe.upstream(self, self.relay(call, timeout_s, breaker))
+        # -- 3. upstream and relay -----------------------------------------------------
+        await self.services.observer.upstream(record, self.call_upstream(call, timeout_s, breaker))
 
-    # -- upstream ------------------------------------------------------------------
-
-    async def relay(self, call: ProviderCall, timeout_s: float, breaker: Any) -> None:
-        config = self.services.config.upstream
+    async def call_upstream(self, call: ProviderCall, timeout_s: float, breaker: CircuitBreaker | None) -> None:
+        record = self.record
         deadline = time.monotonic() + timeout_s
         request = call.upstream_request()
-        self.upstream_started = time.monotonic()
+        policy = self.services.retry_policy
+        record.upstream_started = time.monotonic()
         attempt_no = 0
         while True:
             attempt_no += 1
@@ -182,39 +169,24 @@ class CompletionsHandler(UpstreamHandler):
                 on_headers=self._on_upstream_headers,
                 on_chunk=self._on_upstream_chunk,
             )
-            self.services.observe.upstream_attempt(self, attempt)
+            self.services.observer.upstream_attempt(record, attempt)
             if breaker is not None and attempt.outcome != tp.CLIENT_GONE and not self.client_gone:
-                breaker.record(self.model, attempt.status if attempt.outcome == tp.OK else _breaker_code(attempt))
+                breaker.record(record.model or "", attempt.status if attempt.outcome == tp.OK else _breaker_code(attempt))
             # Retries only while nothing reached the client: a 2xx that broke
             # before its first byte was sent (or a non-streamed body that broke
             # while being read) is retried like an error status.
-            if self.first_byte_sent or self.client_gone or attempt_no >= config.retry_max_attempts:
+            if self.relay.first_byte_sent or self.client_gone:
                 break
-            delay = self._retry_delay(attempt, attempt_no)
+            delay = policy.delay(attempt, attempt_no)
             if delay is None or time.monotonic() + delay >= deadline:
                 break
             log.info("retrying %s after %s (attempt %d)", self.provider.name, attempt.outcome if attempt.outcome != tp.OK else attempt.status, attempt_no)
             await asyncio.sleep(delay)
             if self.client_gone:
                 break
-        self.upstream_ended = time.monotonic()
-        self.upstream_status = attempt.status
+        record.upstream_ended = time.monotonic()
+        record.upstream_status = attempt.status
         await self._conclude(call, attempt)
-
-    def _retry_delay(self, attempt: tp.Attempt, attempt_no: int) -> float | None:
-        config = self.services.config.upstream
-        if attempt.outcome == tp.OK:
-            if attempt.status not in RETRYABLE_STATUSES:
-                return None
-            retry_after = _retry_after_seconds(attempt.headers)
-            if retry_after is not None:
-                if retry_after > config.retry_after_max_s:
-                    return None
-                return max(config.retry_base_delay_ms / 1000, retry_after)
-        elif attempt.outcome not in (tp.CONNECT_ERROR, tp.RESET):
-            return None
-        cap = min(config.retry_max_delay_ms, config.retry_base_delay_ms * (2 ** (attempt_no - 1))) / 1000
-        return random.uniform(0, cap)
 
     def _on_upstream_headers(self, status: int, headers: HTTPHeaders) -> None:
         if self.client_gone:
@@ -253,57 +225,38 @@ class CompletionsHandler(UpstreamHandler):
                 return
             self._body_buffer += chunk
             return
-        call.feed(chunk)
+        relayed = call.feed(chunk)
         if call.protocol_error is not None:
             # Relaying bytes the provider's own format cannot explain would only
             # confuse the client; stop and say so in-band.
             self.abort.reject(f"upstream provider {self.provider.name} sent {call.protocol_error}")
             return
-        self.chunks_relayed += 1
-        self._last_chunk = chunk
-        self.write(chunk)
-        self._unflushed += len(chunk)
-        if not self.first_byte_sent:
-            self.first_byte_sent = True
-            self.time_to_first_byte_s = time.monotonic() - self.started_at
-            self._flush()
-        elif self._auto_flush or self._unflushed >= _FLUSH_THRESHOLD:
-            # Chunks curl delivers in one loop iteration share one flush (one send).
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                IOLoop.current().add_callback(self._flush)
-        if self._pending_bytes + self._unflushed > self._max_client_buffer:
+        if relayed is not None:
+            chunk = relayed
+            if not chunk:
+                return
+        record = self.record
+        record.chunks += 1
+        if record.ttfb_s is None:
+            record.ttfb_s = time.monotonic() - record.started_at
+        if not self.relay.write(chunk):
             # The client reads slower than the model writes; holding an unbounded
             # backlog for it would let one slow reader exhaust memory.
             self.client_too_slow = True
             self.abort.set()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._finished or self.client_gone:
-            return
-        amount = self._unflushed
-        self._unflushed = 0
-        self._pending_bytes += amount
-        future = self.flush()
-
-        def flushed(f: Any) -> None:
-            self._pending_bytes -= amount
-            _ignore_stream_closed(f)
-
-        future.add_done_callback(flushed)
-
     async def _conclude(self, call: ProviderCall, attempt: tp.Attempt) -> None:
+        record = self.record
         provider = self.provider.name
         if self.client_too_slow and not self.client_gone:
             call.finish()
-            self.outcome = OUTCOME_CLIENT_TOO_SLOW
+            record.outcome = Outcome.CLIENT_TOO_SLOW
             log.warning("ending a %s stream: the client reads too slowly", provider)
-            self._write_in_band_error(call, "stream ended by the gateway: the client is not reading fast enough")
+            self.relay.in_band_error(call.stream_error_event("stream ended by the gateway: the client is not reading fast enough"))
             self.finish()
             return
         if attempt.outcome == tp.CLIENT_GONE or self.client_gone:
-            self.outcome = OUTCOME_CLIENT_DISCONNECTED
+            record.outcome = Outcome.CLIENT_DISCONNECTED
             call.finish()
             log.info("client disconnected from a %s request", provider)
             if not self._finished:
@@ -312,31 +265,24 @@ class CompletionsHandler(UpstreamHandler):
         if self.relaying and not call.info.stream and attempt.outcome == tp.OK:
             self._send_buffered_body(call)
             return
+        stall_s = self.services.config.upstream.stall_timeout_s
         if self.relaying:
             call.finish()
             if attempt.outcome == tp.OK:
-                self.outcome = OUTCOME_UPSTREAM_ERROR if call.in_band_error else OUTCOME_COMPLETE
+                record.outcome = Outcome.UPSTREAM_ERROR if call.in_band_error else Outcome.COMPLETE
                 self.finish()
                 return
-            message = _failure_message(attempt, provider, self.services.config.upstream.stall_timeout_s)
-            if self.first_byte_sent:
-                self.outcome = OUTCOME_UPSTREAM_ERROR
-                self._write_in_band_error(call, message.message)
+            error = failure_error(attempt, provider, stall_s=stall_s)
+            if self.relay.first_byte_sent:
+                record.outcome = Outcome.UPSTREAM_ERROR
+                self.relay.in_band_error(call.stream_error_event(error.message))
                 self.finish()
                 return
             self.clear_relayed_headers()
-            raise message
+            raise error
         if attempt.outcome != tp.OK or attempt.status is None:
-            raise _failure_message(attempt, provider, self.services.config.upstream.stall_timeout_s)
+            raise failure_error(attempt, provider, stall_s=stall_s)
         self._write_upstream_error(attempt)
-
-    def _write_in_band_error(self, call: ProviderCall, message: str) -> None:
-        # The stream may have stopped mid-event: end that event first so the
-        # error is an event of its own.
-        last = self._last_chunk
-        ended = not last or last.endswith((b"\n\n", b"\r\n\r\n"))
-        separator = b"" if ended else b"\n\n"
-        self.write(separator + call.stream_error_event(message))
 
     def _send_buffered_body(self, call: ProviderCall) -> None:
         body = bytes(self._body_buffer)
@@ -351,10 +297,11 @@ class CompletionsHandler(UpstreamHandler):
             raise UpstreamError(f"upstream provider {self.provider.name} returned an invalid response (not a JSON object)")
         call.feed(body)
         call.finish()
-        self.chunks_relayed = 1
-        self.first_byte_sent = True
-        self.time_to_first_byte_s = time.monotonic() - self.started_at
-        self.outcome = OUTCOME_COMPLETE
+        record = self.record
+        record.chunks = 1
+        self.relay.first_byte_sent = True
+        record.ttfb_s = time.monotonic() - record.started_at
+        record.outcome = Outcome.COMPLETE
         self.finish(body)
 
     def clear_relayed_headers(self) -> None:
@@ -379,48 +326,52 @@ class CompletionsHandler(UpstreamHandler):
             self.set_header("Retry-After", headers.get("Retry-After") or str(self.provider.default_retry_after_s))
         if status >= 500:
             log.error("upstream %s returned %d", self.provider.name, status)
-        self.outcome = OUTCOME_ERROR
+        self.record.outcome = Outcome.ERROR
         self.finish(bytes(self._error_body))
 
-    # -- the end -----------------------------------------------------------------
+    # -- 4. record ------------------------------------------------------------------
 
     def finalize(self) -> None:
         """Exactly once per request: release the limiter and record the usage event."""
         call = self.call
-        actor = self.actor
+        record = self.record
+        actor = record.actor
         if call is None or actor is None:
             self.limited.release(refund=True)
             return
-        disconnected_early = self.outcome == OUTCOME_CLIENT_DISCONNECTED and not self.first_byte_sent
+        outcome = record.outcome or Outcome.ERROR
+        first_byte_sent = self.relay.first_byte_sent
+        disconnected_early = outcome is Outcome.CLIENT_DISCONNECTED and not first_byte_sent
         resolved = None if disconnected_early else self.get_status()
         usage = call.usage()
+        record.input_tokens, record.output_tokens = usage.prompt_tokens, usage.completion_tokens
+        record.cache_read_tokens = usage.cache_read_tokens
+        record.cache_creation_tokens = usage.cache_creation_tokens
+        record.reasoning_tokens = usage.reasoning_tokens
         success = resolved is not None and 200 <= resolved < 300
-        consumed = success or (self.outcome == OUTCOME_CLIENT_DISCONNECTED and self.first_byte_sent)
+        consumed = success or (outcome is Outcome.CLIENT_DISCONNECTED and first_byte_sent)
         self.limited.release(refund=not consumed, actual_tokens=usage.total_tokens())
-        upstream_ms = None
-        if self.upstream_started is not None:
-            upstream_ms = int(((self.upstream_ended or time.monotonic()) - self.upstream_started) * 1000)
+        upstream_s = record.upstream_seconds(time.monotonic())
+        ttfb = record.ttfb_s
         metadata: dict[str, Any] = dict(call.info.metadata)
         metadata.update(self.extra_metadata)
         metadata.update(usage.event_fields())
+        headers = self.request.headers
         metadata.update(
             {
-                "feature": self.feature,
-                "model": self.model,
-                "provider": self.provider.name,
-                "upstream_request_duration_ms": upstream_ms,
-                "upstream_status_code": self.upstream_status,
+                "feature": record.feature,
+                "model": record.model,
+                "provider": record.provider,
+                "upstream_request_duration_ms": None if upstream_s is None else int(upstream_s * 1000),
+                "upstream_status_code": record.upstream_status,
                 "resolved_status_code": resolved,
-                "time_to_first_byte_ms": None if self.time_to_first_byte_s is None else int(self.time_to_first_byte_s * 1000),
-                "outcome": self.outcome,
-                "sg_actor_id": self.request.headers.get("X-Sourcegraph-Actor-UID", ""),
-                "sg_actor_anonymous_uid": self.request.headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
+                "time_to_first_byte_ms": None if ttfb is None else int(ttfb * 1000),
+                "outcome": outcome.value,
+                "sg_actor_id": headers.get("X-Sourcegraph-Actor-UID", ""),
+                "sg_actor_anonymous_uid": headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
             }
         )
         self.record_event(ev.Event(ev.COMPLETIONS_FINISHED, actor.source, actor.id, metadata))
-        hook = self.services.extras.get("on_completion_finished")
-        if hook is not None:
-            self.after_response(lambda: hook(self, usage))
 
 
 def connection_named(headers: HTTPHeaders) -> frozenset[str]:
@@ -431,39 +382,7 @@ def connection_named(headers: HTTPHeaders) -> frozenset[str]:
     return frozenset(name.strip().lower() for value in values for name in value.split(",") if name.strip())
 
 
-def _ignore_stream_closed(future: Any) -> None:
-    exc = future.exception()
-    if exc is not None and not isinstance(exc, StreamClosedError):
-        log.warning("flush failed: %s", exc)
-
-
-def _retry_after_seconds(headers: HTTPHeaders | None) -> float | None:
-    if headers is None:
-        return None
-    raw = headers.get("Retry-After")
-    if raw is None:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        return None
-
-
 def _breaker_code(attempt: tp.Attempt) -> int:
     if attempt.outcome in (tp.TIMEOUT, tp.STALL):
         return 504
     return 0
-
-
-def _failure_message(attempt: tp.Attempt, provider: str, stall_s: int) -> GatewayError:
-    if attempt.outcome == tp.REJECTED:
-        return UpstreamError(attempt.message)
-    if attempt.outcome == tp.TIMEOUT:
-        return UpstreamTimeout(f"request to upstream provider {provider} timed out")
-    if attempt.outcome == tp.STALL:
-        return UpstreamTimeout(f"upstream provider {provider} stalled: no data for {stall_s}s")
-    if attempt.outcome == tp.CONNECT_ERROR:
-        return UpstreamError(f"failed to connect to upstream provider {provider}")
-    if attempt.outcome == tp.RESET:
-        return UpstreamError(f"upstream provider {provider} closed the connection unexpectedly")
-    return UpstreamError(f"failed to make request to upstream provider {provider}: {attempt.message}")

@@ -67,7 +67,7 @@ class HealthHandler(DiagnosticsHandler):
     async def get(self) -> None:
         report: dict[str, Any] = {"status": "ok", "version": self.services.version}
         healthy = True
-        for name, probe in self.services.extras.get("health_probes", {}).items():
+        for name, probe in self.services.health_probes.items():
             try:
                 detail = await probe()
             except Exception as exc:  # a probe's own failure is what health reports

@@ -26,6 +26,7 @@ from errors import BadRequest, Forbidden
 from handlers.admission import LimitedRequest, rate_limit_headers, rejection
 from handlers.base import BaseHandler, DisabledRouteHandler, UpstreamHandler
 from handlers.services import Services
+from telemetry.record import Outcome
 from usage import events as ev
 from upstreams.decode import known_fields, opt_bool, opt_int, opt_str, parse_body
 from upstreams.embeddings import (
@@ -50,9 +51,6 @@ SDK_FIELDS = ("model", "input", "encoding_format", "dimensions", "user")
 # Tokenizing this many characters takes a few ms: beyond it, use an executor.
 TOKENIZE_INLINE_CHARS = 64 * 1024
 
-OUTCOME_COMPLETE = "complete"
-OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
-OUTCOME_ERROR = "error"
 
 
 class Embeddings:
@@ -66,7 +64,9 @@ class Embeddings:
         if config.providers.openai.access_token:
             self.clients[OPENAI] = OpenAIEmbeddingsClient(config.providers.openai, config.upstream, services.transport)
         if config.providers.sourcegraph_embeddings.access_token:
-            self.clients[SOURCEGRAPH] = SmegaEmbeddingsClient(config.providers.sourcegraph_embeddings, services.transport)
+            self.clients[SOURCEGRAPH] = SmegaEmbeddingsClient(
+                config.providers.sourcegraph_embeddings, services.transport, stall_s=config.upstream.stall_timeout_s
+            )
         for name in self.master_allowlist:
             if name.lower() not in self.catalogue:
                 log.warning("embeddings model %s is allowed but unknown (no dimensions configured): requests for it get 400", name)
@@ -148,7 +148,8 @@ class EmbeddingsHandler(UpstreamHandler):
         self.exchange: Exchange | None = None
         self.result: EmbeddingsResult | None = None
         self.tokens_charged = 0
-        self.outcome = OUTCOME_ERROR
+        self.record.feature = EMBEDDINGS
+        self.record.stream = False
 
     # -- request ----------------------------------------------------------------
 
@@ -162,7 +163,7 @@ class EmbeddingsHandler(UpstreamHandler):
         if self.sdk_route and "/" not in model_name:
             # The OpenAI SDK names OpenAI's models bare.
             model_name = f"{OPENAI}/{model_name}"
-        self.model = model_name
+        self.record.model = model_name
         inputs = parse_input(data.get("input"))
         encoding = "float"
         dimensions: int | None = None
@@ -190,7 +191,8 @@ class EmbeddingsHandler(UpstreamHandler):
             raise BadRequest(f'model "{model_name}" is not available: its provider is not configured on this gateway')
         if dimensions is not None and dimensions > model.dimensions:
             raise BadRequest(f'dimensions {dimensions} is larger than model "{model_name}" has ({model.dimensions})')
-        self.model = model.name
+        record = self.record
+        record.model, record.provider = model.name, model.provider
         request = EmbeddingsRequest(model=model, inputs=inputs, is_query=is_query, user=actor.id, dimensions=dimensions)
         # From here on the request is one the reference would have sent to its
         # provider: it gets an EmbeddingsFinished event whatever happens next.
@@ -204,9 +206,9 @@ class EmbeddingsHandler(UpstreamHandler):
         return await asyncio.get_running_loop().run_in_executor(None, client.estimate_tokens, request)
 
     async def post(self) -> None:
-        actor = self.actor
+        record = self.record
+        actor = record.actor
         assert actor is not None
-        self.feature = EMBEDDINGS
         rate_limit = actor.limit_for(EMBEDDINGS)
         if rate_limit is None:
             raise Forbidden(f"no access to feature {EMBEDDINGS}")
@@ -224,11 +226,12 @@ class EmbeddingsHandler(UpstreamHandler):
         # The embeddings bucket counts tokens; the token quota of completions does not apply.
         rule = dataclasses.replace(rule, tokens_limit=None)
         # At least 1: a request is admitted only while the quota is not overdrawn.
-        decision = await self.services.observe.limiter(self, rule, self.limited.acquire(rule, cost=max(1, estimate)))
+        decision = await self.services.observer.limiter(record, rule, self.limited.acquire(rule, cost=max(1, estimate)))
         if not decision.allowed:
             self.request_ = None
             self.record_rate_limited(decision, EMBEDDINGS)
             raise rejection(decision, EMBEDDINGS)
+        record.decision = decision
         self.tokens_charged = max(1, estimate)
         for name, value in rate_limit_headers(decision).items():
             self.set_header(name, value)
@@ -236,9 +239,9 @@ class EmbeddingsHandler(UpstreamHandler):
         exchange = Exchange(deadline=time.monotonic() + timeout_s, abort=self.abort)
         self.exchange = exchange
         try:
-            result = await self.services.observe.upstream(self, client.embed(request, exchange))
+            result = await self.services.observer.upstream(record, client.embed(request, exchange))
         except ClientGone:
-            self.outcome = OUTCOME_CLIENT_DISCONNECTED
+            record.outcome = Outcome.CLIENT_DISCONNECTED
             log.info("client disconnected from an embeddings request")
             if not self._finished:
                 self.finish()
@@ -249,7 +252,7 @@ class EmbeddingsHandler(UpstreamHandler):
         self.set_header("X-Token-Usage", str(tokens))
         self.set_header("Content-Type", JSON_UTF8)
         payload = await _render(result, request, tokens, encoding if self.sdk_route else None)
-        self.outcome = OUTCOME_COMPLETE
+        record.outcome = Outcome.COMPLETE
         self.finish(payload)
 
     # -- the end -----------------------------------------------------------------
@@ -265,10 +268,16 @@ class EmbeddingsHandler(UpstreamHandler):
         else:
             self.limited.release(refund=True)
             self.tokens_charged = 0
-        request, actor = self.request_, self.actor
+        record = self.record
+        request, actor = self.request_, record.actor
         if request is None or actor is None:
             return
         exchange = self.exchange
+        if exchange is not None and exchange.started_at is not None:
+            record.upstream_started, record.upstream_ended = exchange.started_at, exchange.ended_at
+            record.upstream_status = exchange.upstream_status
+        record.input_tokens = self.tokens_charged
+        outcome = record.outcome or Outcome.ERROR
         metadata: dict[str, Any] = {
             "model": request.model.name,
             "feature": EMBEDDINGS,
@@ -276,19 +285,16 @@ class EmbeddingsHandler(UpstreamHandler):
             "upstream_request_duration_ms": exchange.duration_ms() if exchange else None,
             "upstream_status_code": exchange.upstream_status if exchange else None,
             "upstream_attempts": exchange.attempts if exchange else 0,
-            "resolved_status_code": None if self.outcome == OUTCOME_CLIENT_DISCONNECTED and not consumed else resolved,
+            "resolved_status_code": None if outcome is Outcome.CLIENT_DISCONNECTED and not consumed else resolved,
             "tokens_used": self.tokens_charged,
             "batch_size": len(request.inputs),
             "input_character_count": request.character_count(),
             "is_query": request.is_query,
-            "outcome": self.outcome,
+            "outcome": outcome.value,
             "sg_actor_id": self.request.headers.get("X-Sourcegraph-Actor-UID", ""),
             "sg_actor_anonymous_uid": self.request.headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
         }
         self.record_event(ev.Event(ev.EMBEDDINGS_FINISHED, actor.source, actor.id, metadata))
-        hook = self.services.extras.get("on_embeddings_finished")
-        if hook is not None:
-            self.after_response(lambda: hook(self, metadata))
 
 
 def parse_input(value: Any) -> list[str] | list[list[int]]:

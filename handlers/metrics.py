@@ -17,7 +17,7 @@ class MetricsHandler(BaseHandler):
     operation = "metrics"
 
     async def get(self) -> None:
-        metrics = self.services.extras.get("metrics")
+        metrics = self.services.metrics
         if metrics is None:
             raise NotFound("404 page not found")
         # Copy the state other parts keep on the loop thread, then render off it

@@ -1,19 +1,28 @@
-"""Everything handlers depend on, built once in gateway.main() and injected via initialize()."""
+"""Everything handlers depend on, built once by the composition root and injected via initialize()."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.chain import SourceChain
 from conf.model import Config
 from limiter.base import Limiter
-from usage.events import EventRecorder
-from telemetry.observer import NULL_OBSERVER, Observer
+from telemetry.record import NULL_OBSERVER, RequestObserver
 from telemetry.tracing import Tracing
+from upstreams.retry import RetryPolicy
 from upstreams.transport import Transport
+from usage.events import EventRecorder
+
+if TYPE_CHECKING:
+    from abuse.screening import Screening
+    from telemetry.metrics import GatewayMetrics
+    from upstreams.circuit import CircuitBreaker
 
 VERSION = "0.1.0"
+
+HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
 
 
 @dataclass(slots=True)
@@ -24,14 +33,21 @@ class Services:
     events: EventRecorder
     transport: Transport
     tracing: Tracing
+    # Completions and OpenAI embeddings (upstreams/retry.py).
+    retry_policy: RetryPolicy
     version: str = VERSION
-    observe: Observer = NULL_OBSERVER
-    # Optional parts that later layers attach (health probes of Redis and sinks,
-    # circuit breakers, metrics); looked up by name so the core does not import them.
-    extras: dict[str, Any] = field(default_factory=dict)
+    observer: RequestObserver = NULL_OBSERVER
+    # /-/healthz's report: one probe per part (event sink, Redis, circuits).
+    health_probes: dict[str, HealthProbe] = field(default_factory=dict)
+    # Abuse flagging of completion requests (None: nothing is screened).
+    screening: Screening | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    # The Prometheus registry behind /metrics (None: /metrics answers 404).
+    metrics: GatewayMetrics | None = None
+    # Run at shutdown, in order, before the event logger and the limiter close.
+    shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Live requests, for the SIGTERM drain.
     in_flight: int = 0
-    # Readiness (/-/readyz): set once the server listens, cleared by nothing;
-    # ``draining`` takes precedence from SIGTERM on.
+    # Readiness (/-/readyz): set once the server listens; ``draining`` wins from SIGTERM on.
     ready: bool = False
     draining: bool = False

@@ -156,8 +156,6 @@ def test_upstream_attempts_are_child_spans_only_when_retried(gw: InProcessGatewa
 
 def test_wrapped_instrumentation_points_add_auth_limiter_and_event_spans(gw: InProcessGateway, exporter: InMemorySpanExporter) -> None:
     response = post(gw, "hello fake:tokens=3")
-    wired = gw.observability.wired
-    assert wired["auth"] and wired["limiter"] and wired["events"], wired
     spans = spans_of(exporter, response.headers["X-Trace"])
     server = by_name(spans, SERVER_SPAN)
     auth = by_name(spans, "Sources.Get")

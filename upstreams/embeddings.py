@@ -29,6 +29,7 @@ from errors import (
 )
 from upstreams import transport as tp
 from upstreams.base import UpstreamRequest
+from upstreams.retry import RetryPolicy, failure_error
 
 OPENAI = "openai"
 SOURCEGRAPH = "sourcegraph"
@@ -226,23 +227,27 @@ async def sleep_within(delay_s: float, exchange: Exchange) -> bool:
     return True
 
 
-def retryable(reply: Reply) -> bool:
-    attempt = reply.attempt
-    if attempt.outcome == tp.OK:
-        return attempt.status in (429, 500, 502, 503, 504)
-    return attempt.outcome in (tp.CONNECT_ERROR, tp.RESET, tp.ERROR)
+async def post_with_retries(
+    transport: tp.Transport, request: UpstreamRequest, exchange: Exchange, policy: RetryPolicy
+) -> Reply:
+    """Attempts under ``policy`` until a 200 or the policy gives up; the last reply either way."""
+    attempt_no = 0
+    while True:
+        attempt_no += 1
+        reply = await post_buffered(transport, request, exchange)
+        if reply.attempt.outcome == tp.OK and reply.attempt.status == 200:
+            return reply
+        delay = policy.delay(reply.attempt, attempt_no)
+        if delay is None or not await sleep_within(delay, exchange):
+            return reply
 
 
-def failure(reply: Reply, label: str, url: str) -> GatewayError:
-    """The final error for a failed exchange (reference 5.1 step 7 and 5.2, without the 200-null quirk)."""
+def failure(reply: Reply, label: str, url: str, *, stall_s: float) -> GatewayError:
+    """The client's answer for a final failed attempt (the reference's wording for statuses)."""
     attempt = reply.attempt
     retry = {"Retry-After": ERROR_RETRY_AFTER_S}
-    if attempt.outcome == tp.TIMEOUT or attempt.outcome == tp.STALL:
-        return UpstreamTimeout(f"request to upstream provider {label} timed out", headers=retry)
-    if attempt.outcome == tp.CONNECT_ERROR:
-        return UpstreamError(f"failed to connect to upstream provider {label}", headers=retry)
     if attempt.outcome != tp.OK or attempt.status is None:
-        return UpstreamError(f"request to upstream provider {label} failed: {attempt.message or attempt.outcome}", headers=retry)
+        return failure_error(attempt, label, stall_s=stall_s, headers=retry)
     status = attempt.status
     text = body_prefix(reply.body)
     if status == 429:

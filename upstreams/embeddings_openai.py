@@ -9,7 +9,6 @@ these models' own tokenizer, so the admission estimate is normally exact.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from conf.model import OpenAIConfig, UpstreamConfig
@@ -17,21 +16,19 @@ from errors import BadRequest
 from upstreams import transport as tp
 from upstreams.base import UpstreamRequest, json_body
 from upstreams.embeddings import (
-    OPENAI,
-    OPENAI_SHORTENABLE_PREFIX,
     EmbeddingsRequest,
     EmbeddingsResult,
     Exchange,
-    Reply,
+    OPENAI,
+    OPENAI_SHORTENABLE_PREFIX,
     failure,
     float_vector,
     invalid_response,
     off_loop,
     parse_json,
-    post_buffered,
-    retryable,
-    sleep_within,
+    post_with_retries,
 )
+from upstreams.retry import upstream_policy
 from upstreams.tokenizer import count_tokens
 
 EMPTY_STRING_MESSAGE = "cannot generate embeddings for an empty string"
@@ -44,6 +41,7 @@ class OpenAIEmbeddingsClient:
     def __init__(self, config: OpenAIConfig, upstream: UpstreamConfig, transport: tp.Transport) -> None:
         self._transport = transport
         self._upstream = upstream
+        self._policy = upstream_policy(upstream)
         self.url = config.api_url.rstrip("/") + "/v1/embeddings"
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.access_token}"}
         if config.org_id:
@@ -69,36 +67,12 @@ class OpenAIEmbeddingsClient:
         return UpstreamRequest(self.url, self._headers, json_body(body))
 
     async def embed(self, request: EmbeddingsRequest, exchange: Exchange) -> EmbeddingsResult:
-        upstream = self.upstream_request(request)
-        attempt_no = 0
-        while True:
-            attempt_no += 1
-            reply = await post_buffered(self._transport, upstream, exchange)
-            if reply.attempt.outcome == tp.OK and reply.attempt.status == 200:
-                break
-            if attempt_no >= self._upstream.retry_max_attempts or not retryable(reply):
-                raise failure(reply, self.label, self.url)
-            delay = self._retry_delay(reply, attempt_no)
-            if delay is None or not await sleep_within(delay, exchange):
-                raise failure(reply, self.label, self.url)
+        reply = await post_with_retries(self._transport, self.upstream_request(request), exchange, self._policy)
+        if reply.attempt.outcome != tp.OK or reply.attempt.status != 200:
+            raise failure(reply, self.label, self.url, stall_s=self._upstream.stall_timeout_s)
         if reply.truncated:
             raise invalid_response(self.label, "response too large")
         return await off_loop(len(reply.body), lambda: self._parse(reply, request))
-
-    def _retry_delay(self, reply: Reply, attempt_no: int) -> float | None:
-        config = self._upstream
-        raw = reply.headers.get("Retry-After") if reply.attempt.outcome == tp.OK else None
-        if raw is not None:
-            try:
-                retry_after = float(raw)
-            except ValueError:
-                retry_after = None
-            if retry_after is not None:
-                if retry_after > config.retry_after_max_s:
-                    return None
-                return max(config.retry_base_delay_ms / 1000, retry_after)
-        cap = min(config.retry_max_delay_ms, config.retry_base_delay_ms * (2 ** (attempt_no - 1))) / 1000
-        return random.uniform(0, cap)
 
     def _parse(self, reply: Reply, request: EmbeddingsRequest) -> EmbeddingsResult:
         data = parse_json(reply.body, self.label)

@@ -9,44 +9,37 @@ The model reports no token usage, so nothing is charged (as in the reference).
 
 from __future__ import annotations
 
-import random
 import uuid
 from typing import Any
 
 from conf.model import SourcegraphEmbeddingsConfig
 from upstreams import transport as tp
 from upstreams.base import UpstreamRequest, json_body
+from upstreams.retry import SMEGA_POLICY
 from upstreams.embeddings import (
-    SMEGA_DIMENSIONS,
-    SOURCEGRAPH,
     EmbeddingsRequest,
     EmbeddingsResult,
     Exchange,
-    Reply,
+    SMEGA_DIMENSIONS,
+    SOURCEGRAPH,
     failure,
     float_vector,
     invalid_response,
     off_loop,
     parse_json,
-    post_buffered,
-    sleep_within,
+    post_with_retries,
     texts_only,
 )
 
-MAX_ATTEMPTS = 3
 AUTH_HEADER = "sourcegraph-smega-inference-auth"
-
-
-def backoff_s(attempt_no: int) -> float:
-    """5^attempt ms, ±50 % jitter (5 ms, then 25 ms)."""
-    return (5**attempt_no) / 1000 * random.uniform(0.5, 1.5)
 
 
 class SmegaEmbeddingsClient:
     provider = SOURCEGRAPH
     label = "Sourcegraph"
 
-    def __init__(self, config: SourcegraphEmbeddingsConfig, transport: tp.Transport) -> None:
+    def __init__(self, config: SourcegraphEmbeddingsConfig, transport: tp.Transport, *, stall_s: float) -> None:
+        self._stall_s = stall_s
         self._transport = transport
         self.url = config.api_url
         self._headers = {"Content-Type": "application/json", AUTH_HEADER: config.access_token}
@@ -67,18 +60,10 @@ class SmegaEmbeddingsClient:
         return UpstreamRequest(self.url, self._headers, json_body(body))
 
     async def embed(self, request: EmbeddingsRequest, exchange: Exchange) -> EmbeddingsResult:
-        upstream = self.upstream_request(request)
-        reply: Reply
-        for attempt_no in range(1, MAX_ATTEMPTS + 1):
-            reply = await post_buffered(self._transport, upstream, exchange)
-            if reply.attempt.outcome == tp.OK and reply.attempt.status == 200:
-                break
-            # Any failure is retried (the 404s of a scale-down are the point),
-            # except running out of time.
-            if reply.attempt.outcome in (tp.TIMEOUT, tp.STALL) or attempt_no == MAX_ATTEMPTS:
-                raise failure(reply, self.label, self.url)
-            if not await sleep_within(backoff_s(attempt_no), exchange):
-                raise failure(reply, self.label, self.url)
+        # Any failure is retried (the 404s of a scale-down are the point), except running out of time.
+        reply = await post_with_retries(self._transport, self.upstream_request(request), exchange, SMEGA_POLICY)
+        if reply.attempt.outcome != tp.OK or reply.attempt.status != 200:
+            raise failure(reply, self.label, self.url, stall_s=self._stall_s)
         if reply.truncated:
             raise invalid_response(self.label, "response too large")
         return await off_loop(len(reply.body), lambda: self._parse(reply, request))

@@ -90,7 +90,7 @@ class InProcessGateway:
         self.tracing = self.services.tracing
         self.events = self.services.events
         self.limiter = self.services.limiter
-        self.observability = self.gateway.observability
+        self.observability = self.gateway.telemetry
         self.server = HTTPServer(self.gateway.app, decompress_request=False)
         sockets = bind_sockets(0, "127.0.0.1")
         self.server.add_sockets(sockets)
