@@ -149,6 +149,8 @@ class CompletionsHandler(UpstreamHandler):
     async def call_upstream(self, call: ProviderCall, timeout_s: float, breaker: CircuitBreaker | None) -> None:
         record = self.record
         deadline = time.monotonic() + timeout_s
+        # A timeout of a deadline the client chose says nothing about the upstream's health.
+        deadline_is_clients = timeout_s < self.services.config.upstream.default_timeout_ms / 1000
         request = call.upstream_request()
         policy = self.services.retry_policy
         record.upstream_started = time.monotonic()
@@ -170,8 +172,8 @@ class CompletionsHandler(UpstreamHandler):
                 on_chunk=self._on_upstream_chunk,
             )
             self.services.observer.upstream_attempt(record, attempt)
-            if breaker is not None and attempt.outcome != tp.CLIENT_GONE and not self.client_gone:
-                breaker.record(record.model or "", attempt.status if attempt.outcome == tp.OK else _breaker_code(attempt))
+            if breaker is not None and not self.client_gone:
+                breaker.record_attempt(record.model or "", attempt.outcome, attempt.status, deadline_is_clients=deadline_is_clients)
             # Retries only while nothing reached the client: a 2xx that broke
             # before its first byte was sent (or a non-streamed body that broke
             # while being read) is retried like an error status.
@@ -380,9 +382,3 @@ def connection_named(headers: HTTPHeaders) -> frozenset[str]:
     if not values:
         return frozenset()
     return frozenset(name.strip().lower() for value in values for name in value.split(",") if name.strip())
-
-
-def _breaker_code(attempt: tp.Attempt) -> int:
-    if attempt.outcome in (tp.TIMEOUT, tp.STALL):
-        return 504
-    return 0

@@ -1,15 +1,17 @@
 """Model-availability circuit breaker (reference 4.11), in memory, one per process.
 
-Every upstream attempt of a model (``provider/model``) is recorded with its
-status: the HTTP status, 504 for a timeout or stall, 0 for a transfer that
-failed without a response (connect error, reset). Failures are 429, 500,
-504 and 0. A model is unavailable while, among its recent records (the last
-``circuit_window`` attempts, of which only those younger than
-``circuit_window_s`` count), failures make up at least
+The breaker is shared by every actor, so it must hear about the upstream's
+health only: nothing one client can cause -- its own short deadline, its
+disconnect, a malformed request -- may take a model away from the others
+(SPEC point 14). ``health_signal`` is that policy, in one pure function: each
+upstream attempt of a model (``provider/model``) is healthy, a failure, or
+says nothing (not recorded at all). A model is unavailable while, among its
+recent records (the last ``circuit_window`` attempts, of which only those
+younger than ``circuit_window_s`` count), failures make up at least
 ``circuit_failure_ratio`` -- but only once there are ``circuit_min_samples``
 such records (SPEC point 8: one lone 500 must not take a model down).
-Rejected requests are not recorded, so a model recovers as its failures age
-out of the window.
+Requests the breaker refuses are not recorded, so a model recovers as its
+failures age out of the window.
 """
 
 from __future__ import annotations
@@ -20,11 +22,53 @@ from collections.abc import Callable
 from typing import Any
 
 from conf.model import UpstreamConfig
+from upstreams.transport import Outcome
 
+# The reference's failure statuses; only for ``record`` given a bare status (legacy callers).
 FAILURE_CODES = frozenset({0, 429, 500, 504})
+# Outcomes where the upstream failed to answer properly, whoever asked.
+_UPSTREAM_FAILURES = frozenset({Outcome.CONNECT_ERROR, Outcome.RESET, Outcome.STALL, Outcome.REJECTED, Outcome.ERROR})
 # Models come from allowlists, so this never binds in practice; it only
 # bounds memory if a misconfiguration lets arbitrary names through.
 MAX_MODELS = 10_000
+
+
+def health_signal(outcome: str, status: int | None, *, deadline_is_clients: bool) -> bool | None:
+    """What one upstream attempt says about the upstream's health.
+
+    True: healthy; False: a failure; None: nothing (the attempt is not
+    recorded). ``outcome`` is the attempt's ``transport.Outcome``; ``status``
+    the upstream's HTTP status when it answered; ``deadline_is_clients`` is
+    true when the request's deadline was the client's choice (an
+    ``X-Timeout-Ms`` shorter than the gateway's default), not the gateway's.
+
+    * The upstream answered: 2xx is healthy and 5xx a failure. A 4xx says
+      nothing: 400/404/413/422 are the request's fault (one client sending
+      malformed requests must not take the model away), 401/403 concern our
+      key, not the model, and 429 is the provider's quota for our key (it
+      is already answered as 503 with the provider's Retry-After; opening
+      the circuit would only stretch that refusal to the breaker's window
+      and let one actor burning the shared quota refuse everyone for longer).
+      Anything else (1xx, 3xx that was not refused) says nothing either.
+    * Connect errors, resets, stalls (the gateway's stall timeout), broken or
+      refused responses (a redirect, a compressed or non-SSE body, the wrong
+      content type) and unclassified transfer errors are failures.
+    * A timeout is a failure only against the gateway's own deadline.
+    * The client leaving (or reading too slowly) says nothing.
+    """
+    if outcome == Outcome.OK:
+        if status is None:
+            return None
+        if 200 <= status < 300:
+            return True
+        if 500 <= status < 600:
+            return False
+        return None
+    if outcome == Outcome.TIMEOUT:
+        return None if deadline_is_clients else False
+    if outcome in _UPSTREAM_FAILURES:
+        return False
+    return None  # CLIENT_GONE, or an outcome this policy does not know
 
 
 class CircuitBreaker:
@@ -37,13 +81,29 @@ class CircuitBreaker:
         # model -> (time, is_failure) records, oldest first.
         self._records: dict[str, deque[tuple[float, bool]]] = {}
 
-    def record(self, model: str, status: int) -> None:
+    def record_attempt(self, model: str, outcome: str, status: int | None, *, deadline_is_clients: bool) -> None:
+        """Record one upstream attempt, as ``health_signal`` judges it."""
+        self.record(model, health_signal(outcome, status, deadline_is_clients=deadline_is_clients))
+
+    def record(self, model: str, healthy: bool | int | None) -> None:
+        """Record one attempt: True healthy, False a failure, None nothing (not recorded).
+
+        A bare HTTP status (an ``int`` that is not a ``bool``) is the older
+        form, judged by the reference's ``FAILURE_CODES``; it remains until
+        every caller goes through ``health_signal``.
+        """
+        if healthy is None:
+            return
+        if isinstance(healthy, bool):
+            failed = not healthy
+        else:
+            failed = healthy in FAILURE_CODES
         records = self._records.get(model)
         if records is None:
             if len(self._records) >= MAX_MODELS:
                 self._records.pop(next(iter(self._records)))
             records = self._records[model] = deque(maxlen=self._capacity)
-        records.append((self._clock(), status in FAILURE_CODES))
+        records.append((self._clock(), failed))
 
     def _recent(self, model: str) -> tuple[int, int]:
         """(records in the window, failures among them)."""

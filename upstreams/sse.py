@@ -8,6 +8,15 @@ more than ``max_event_bytes`` of one event: a line longer than that, or an
 event whose data adds up to more, is dropped up to the next blank line and
 counted in ``oversized``, not buffered. Work per chunk is linear in the
 chunk's size, however long the line it continues.
+
+A line that is not SSE -- not blank, not a ``:`` comment, and not one of the
+format's fields (``data``, ``event``, ``id``, ``retry``, with or without a
+``:`` value) -- is counted in ``not_sse``. It is recognised from its first
+bytes, before the line ends, so a body that is not SSE at all (HTML, JSON, a
+compressed stream) is reported on its first chunk, not after 10 MB. The
+first violation of either kind is described in ``protocol_error``; events
+are parsed exactly as before (the format says unknown fields are ignored),
+the caller decides to stop.
 """
 
 from __future__ import annotations
@@ -20,12 +29,25 @@ EventHandler = Callable[[bytes, bytes], None]
 _LF = b"\n"
 _CR = b"\r"
 _BLANK = b"\n\n"
+_FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
+# What a line that is SSE can start with; a line's first _PREFIX bytes decide.
+_STARTS = (b"data:", b"event:", b"id:", b"retry:")
+_PREFIX = 6
+NOT_SSE = "data that is not Server-Sent Events"
+OVERSIZED = "an event larger than the gateway accepts"
+
+
+def _could_start_sse(prefix: bytes) -> bool:
+    """Whether a line beginning with ``prefix`` (its first bytes, at most _PREFIX) can be SSE."""
+    if prefix[:1] == b":":
+        return True
+    return any(start.startswith(prefix) or prefix.startswith(start) for start in _STARTS)
 
 
 class SSEParser:
     __slots__ = (
-        "_on_event", "_parts", "_parts_len", "_after_cr", "_skip_line", "_skip_event",
-        "_event", "_data", "_size", "_max", "oversized", "events",
+        "_after_cr", "_data", "_event", "_max", "_on_event", "_parts", "_parts_len", "_size",
+        "_skip_event", "_skip_line", "events", "not_sse", "oversized", "protocol_error",
     )
 
     def __init__(self, on_event: EventHandler, *, max_event_bytes: int = 10 * 1024 * 1024) -> None:
@@ -45,6 +67,8 @@ class SSEParser:
         self._max = max_event_bytes
         self.oversized = 0
         self.events = 0
+        self.not_sse = 0
+        self.protocol_error: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -84,6 +108,12 @@ class SSEParser:
             for line in lines[1:]:
                 self._line(line)
         if tail and not self._skip_line:
+            if self._parts_len < _PREFIX and not self._skip_event and self.protocol_error is None:
+                # A line is known not to be SSE from its first bytes: say so now,
+                # not when (if ever) it ends.
+                prefix = (b"".join(self._parts) + tail[:_PREFIX])[:_PREFIX] if self._parts else tail[:_PREFIX]
+                if not _could_start_sse(prefix):
+                    self.protocol_error = NOT_SSE
             if self._parts_len + len(tail) > self._max:
                 # This line is already longer than any event may be.
                 self._parts = []
@@ -148,6 +178,11 @@ class SSEParser:
         if line[0] == 0x3A:  # ":" comment / keep-alive
             return
         name, _, value = line.partition(b":")
+        if name not in _FIELDS:
+            self.not_sse += 1
+            if self.protocol_error is None:
+                self.protocol_error = NOT_SSE
+            return
         if value[:1] == b" ":
             value = value[1:]
         if name == b"data":
@@ -172,6 +207,8 @@ class SSEParser:
         """Drop the event being read, and everything up to the blank line that ends it."""
         if not self._skip_event:
             self.oversized += 1
+            if self.protocol_error is None:
+                self.protocol_error = OVERSIZED
         self._skip_event = True
         self._data = []
         self._event = b""
