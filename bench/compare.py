@@ -1,9 +1,11 @@
-"""Gateway vs direct, in one run: the same scenario against the fake provider and through the gateway.
+"""Gateway vs direct (vs peers), in one run: the same scenario against the fake provider, through the gateway and through each peer.
 
     python bench/compare.py --scenario small --rounds 3 --duration 5
     python bench/compare.py --scenario small --latency-at 0.5      # + added latency at half the gateway's throughput
     python bench/compare.py --scenario unpaced --processes 2
     python bench/compare.py --scenario idle --rounds 1
+    python bench/compare.py --scenario small --peer litellm         # + LiteLLM's proxy, same fake provider
+    python bench/compare.py --scenario small --peer floor           # + the bare Tornado + curl relay
 
 It starts its own stack with every production feature on (bench/stack.py: Redis
 limiter, JSONL usage events, tracing exported over OTLP, metrics, JSON logs),
@@ -11,6 +13,15 @@ then alternates direct and gateway runs, several rounds, swapping the order ever
 round (direct-gateway, gateway-direct, ...) so that a slow patch of a noisy
 machine hits both sides. Each round's ratio compares two runs seconds apart; the
 summary gives the median and the spread of the ratios, never a lone absolute.
+
+Peers (bench/peers.py) join the same rounds, the order rotating over every side:
+``--peer litellm`` installs LiteLLM's proxy in its own virtualenv (once, under
+~/.cache/gateway-bench), points its models at the same fake provider and sends
+it the OpenAI-shaped equivalent of each request (``/v1/chat/completions``);
+``--peer floor`` adds the bare relay; ``--peer-command`` any process that prints a
+ready line. Each peer's column is a ratio to direct, like the gateway's. Direct is
+the fake provider's Anthropic route; a peer of kind ``openai`` reaches its OpenAI
+route, which costs the fake about the same per request.
 
 Targets of issue 6 are checked for the scenarios they concern (PASS/FAIL lines).
 ``--env NAME=VALUE`` passes settings to the gateway (e.g. to measure one feature's
@@ -25,7 +36,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +44,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadtest
+from bench import peers as peers_mod
+from bench.peers import Peer, RunningPeer
 from bench.stack import Stack, exit_on_sigterm, start_stack
 
 # Issue 6's targets (2-core machine, all features on, measured by this script).
@@ -44,28 +57,43 @@ MAX_RSS_PER_STREAM_BYTES = 30 * 1024
 MAX_ADDED_LATENESS_P99_S = 0.005
 
 
-def run_side(stack: Stack, side: str, scenario: loadtest.Scenario, *, engine: str, quiet: bool) -> dict[str, Any]:
-    direct = side == "direct"
-    opts = loadtest.Options(
-        url=stack.fake_url if direct else stack.gateway_url,
-        scenario=scenario,
-        kind="provider" if direct else "gateway",
-        token=stack.token,
-        pid=stack.fake.pid if direct else stack.gateway.pid,
-        progress=not quiet,
-        engine=engine,
-    )
+@dataclass(frozen=True)
+class Side:
+    """One column of the table: where the scenario is sent, in which request shape, and whose CPU and RSS count."""
+
+    name: str
+    url: str
+    kind: str
+    token: str
+    pid: int
+
+
+def stack_sides(stack: Stack) -> list[Side]:
+    return [
+        Side("direct", stack.fake_url, "provider", stack.token, stack.fake.pid),
+        Side("gateway", stack.gateway_url, "gateway", stack.token, stack.gateway.pid),
+    ]
+
+
+def peer_side(peer: RunningPeer) -> Side:
+    return Side(peer.name, peer.url, peer.kind, peer.token, peer.pid)
+
+
+def run_side(side: Side, scenario: loadtest.Scenario, *, quiet: bool) -> dict[str, Any]:
+    opts = loadtest.Options(url=side.url, scenario=scenario, kind=side.kind, token=side.token, pid=side.pid, progress=not quiet)
     return loadtest.run(opts)
 
 
-def alternate(stack: Stack, scenario: loadtest.Scenario, rounds: int, *, engine: str, quiet: bool, pause_s: float) -> list[dict[str, dict[str, Any]]]:
+def alternate(sides: list[Side], scenario: loadtest.Scenario, rounds: int, *, quiet: bool, pause_s: float) -> list[dict[str, dict[str, Any]]]:
+    """Every side once per round; the order rotates every round (with two sides: A-B, B-A, ...)."""
     out: list[dict[str, dict[str, Any]]] = []
     for n in range(rounds):
-        order = ("direct", "gateway") if n % 2 == 0 else ("gateway", "direct")
+        shift = n % len(sides)
+        order = sides[shift:] + sides[:shift]
         pair: dict[str, dict[str, Any]] = {}
         for side in order:
-            print(f"round {n + 1}/{rounds}: {side} ...", file=sys.stderr, flush=True)
-            pair[side] = run_side(stack, side, scenario, engine=engine, quiet=quiet)
+            print(f"round {n + 1}/{rounds}: {side.name} ...", file=sys.stderr, flush=True)
+            pair[side.name] = run_side(side, scenario, quiet=quiet)
             time.sleep(pause_s)  # let the previous run's sockets and timers settle
         out.append(pair)
     return out
@@ -88,79 +116,148 @@ def spread(values: list[float]) -> str:
     return f"{med:.3f} (min {min(values):.3f}, max {max(values):.3f}, n={len(values)})"
 
 
-def throughput_table(rounds: list[dict[str, dict[str, Any]]], stream: bool) -> tuple[str, dict[str, Any]]:
-    lines = []
-    header = f"{'round':>5}  {'direct req/s':>12}  {'gateway req/s':>13}  {'ratio':>6}"
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _label(side: str) -> str:
+    return "the gateway" if side == "gateway" else side
+
+
+def throughput_table(rounds: list[dict[str, dict[str, Any]]], stream: bool, sides: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """Requests/s of every side and its ratio to direct, per round; for streams also tokens/s (and events/s)."""
+    names = sides or ["direct", "gateway"]
+    others = [name for name in names if name != "direct"]
+    header = f"{'round':>5}  {'direct req/s':>12}"
+    for name in others:
+        header += f"  {name + ' req/s':>{max(12, len(name) + 6)}}  {'ratio':>6}"
     if stream:
-        header += f"  {'direct ev/s':>11}  {'gateway ev/s':>12}  {'ratio':>6}"
-    header += f"  {'gw ms CPU/req':>13}  {'gw errors':>9}"
-    lines.append(header)
-    ratios, ev_ratios, gw_rps, gw_eps = [], [], [], []
+        header += f"  {'direct tok/s':>12}"
+        for name in others:
+            header += f"  {name + ' tok/s':>{max(12, len(name) + 6)}}  {'ratio':>6}"
+    for name in others:
+        header += f"  {name + ' ms CPU/req':>{max(13, len(name) + 11)}}  {name + ' errors':>{max(9, len(name) + 7)}}"
+    lines = [header]
+    ratios: dict[str, list[float]] = {name: [] for name in others}
+    tok_ratios: dict[str, list[float]] = {name: [] for name in others}
+    cpus: dict[str, list[float]] = {name: [] for name in others}
+    errors: dict[str, int] = dict.fromkeys(others, 0)
+    ev_ratios: list[float] = []
+    gw_rps: list[float] = []
+    gw_eps: list[float] = []
     for i, pair in enumerate(rounds, 1):
-        d, g = pair["direct"], pair["gateway"]
-        r = _ratio(g["requests_per_s"], d["requests_per_s"])
-        ratios.append(r) if r is not None else None
-        gw_rps.append(g["requests_per_s"])
-        row = f"{i:>5}  {d['requests_per_s']:>12.1f}  {g['requests_per_s']:>13.1f}  {r if r is not None else 0:>6.3f}"
+        d = pair["direct"]
+        row = f"{i:>5}  {d['requests_per_s']:>12.1f}"
+        for name in others:
+            r = _ratio(pair[name]["requests_per_s"], d["requests_per_s"])
+            if r is not None:
+                ratios[name].append(r)
+            row += f"  {pair[name]['requests_per_s']:>{max(12, len(name) + 6)}.1f}  {r if r is not None else 0:>6.3f}"
         if stream:
-            er = _ratio(g["events_per_s"], d["events_per_s"])
-            ev_ratios.append(er) if er is not None else None
-            gw_eps.append(g["events_per_s"])
-            row += f"  {d['events_per_s']:>11.0f}  {g['events_per_s']:>12.0f}  {er if er is not None else 0:>6.3f}"
-        cpu = (g.get("gateway") or {}).get("cpu_per_request_ms")
-        errors = sum(g["errors"].values())
-        row += f"  {cpu if cpu is not None else 0:>13.3f}  {errors:>9d}"
+            row += f"  {d['tokens_per_s']:>12.0f}"
+            for name in others:
+                tr = _ratio(pair[name]["tokens_per_s"], d["tokens_per_s"])
+                if tr is not None:
+                    tok_ratios[name].append(tr)
+                row += f"  {pair[name]['tokens_per_s']:>{max(12, len(name) + 6)}.0f}  {tr if tr is not None else 0:>6.3f}"
+        for name in others:
+            cpu = (pair[name].get("gateway") or {}).get("cpu_per_request_ms")
+            if cpu is not None:
+                cpus[name].append(cpu)
+            errs = sum(pair[name]["errors"].values())
+            errors[name] += errs
+            row += f"  {cpu if cpu is not None else 0:>{max(13, len(name) + 11)}.3f}  {errs:>{max(9, len(name) + 7)}d}"
+        if "gateway" in pair:
+            g = pair["gateway"]
+            gw_rps.append(g["requests_per_s"])
+            if stream:
+                er = _ratio(g["events_per_s"], d["events_per_s"])
+                if er is not None:
+                    ev_ratios.append(er)
+                gw_eps.append(g["events_per_s"])
         lines.append(row)
     lines.append("")
-    lines.append(f"throughput ratio gateway/direct: {spread(ratios)}")
+    for name in others:
+        lines.append(f"throughput ratio {name}/direct: {spread(ratios[name])}")
     if stream:
-        lines.append(f"SSE events/s ratio gateway/direct: {spread(ev_ratios)}")
-        lines.append(f"gateway SSE events/s: {spread(gw_eps)}")
-    summary = {
-        "throughput_ratio_median": statistics.median(ratios) if ratios else None,
-        "throughput_ratios": ratios,
-        "gateway_rps_median": statistics.median(gw_rps) if gw_rps else None,
-        "events_ratio_median": statistics.median(ev_ratios) if ev_ratios else None,
-        "gateway_events_per_s_median": statistics.median(gw_eps) if gw_eps else None,
+        for name in others:
+            lines.append(f"tokens/s ratio {name}/direct: {spread(tok_ratios[name])}")
+        if "gateway" in others:
+            lines.append(f"SSE events/s ratio gateway/direct: {spread(ev_ratios)}")
+            lines.append(f"gateway SSE events/s: {spread(gw_eps)}")
+    for name in others:
+        lines.append(f"{name} CPU per request: {spread(cpus[name])} ms")
+    summary: dict[str, Any] = {
+        "throughput_ratio_median": _median(ratios.get("gateway", [])),
+        "throughput_ratios": ratios.get("gateway", []),
+        "gateway_rps_median": _median(gw_rps),
+        "events_ratio_median": _median(ev_ratios),
+        "gateway_events_per_s_median": _median(gw_eps),
+        "sides": {
+            name: {
+                "throughput_ratio_median": _median(ratios[name]),
+                "throughput_ratios": ratios[name],
+                "tokens_ratio_median": _median(tok_ratios[name]) if stream else None,
+                "cpu_per_request_ms_median": _median(cpus[name]),
+                "errors": errors[name],
+            }
+            for name in others
+        },
     }
     return "\n".join(lines), summary
 
 
-def latency_table(rounds: list[dict[str, dict[str, Any]]], key: str, label: str) -> tuple[str, dict[str, Any]]:
-    lines = [f"{label} (ms)", f"{'round':>5}  {'side':>8}  {'p50':>8}  {'p90':>8}  {'p99':>8}  {'max':>8}"]
-    added50, added99 = [], []
+def latency_table(rounds: list[dict[str, dict[str, Any]]], key: str, label: str, sides: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """Percentiles per side and round; what each side adds to direct. The gateway's figures at the top level."""
+    names = sides or ["direct", "gateway"]
+    others = [name for name in names if name != "direct"]
+    width = max(8, *(len(name) for name in names))
+    lines = [f"{label} (ms)", f"{'round':>5}  {'side':>{width}}  {'p50':>8}  {'p90':>8}  {'p99':>8}  {'max':>8}"]
+    added50: dict[str, list[float]] = {name: [] for name in others}
+    added99: dict[str, list[float]] = {name: [] for name in others}
     for i, pair in enumerate(rounds, 1):
-        for side in ("direct", "gateway"):
+        for side in names:
             q = pair[side][key] or {}
-            lines.append(f"{i:>5}  {side:>8}  {_ms(q.get('p50')):>8}  {_ms(q.get('p90')):>8}  {_ms(q.get('p99')):>8}  {_ms(q.get('max')):>8}")
-        d, g = pair["direct"][key] or {}, pair["gateway"][key] or {}
-        if d.get("p50") is not None and g.get("p50") is not None:
-            added50.append(g["p50"] - d["p50"])
-            added99.append(g["p99"] - d["p99"])
+            lines.append(f"{i:>5}  {side:>{width}}  {_ms(q.get('p50')):>8}  {_ms(q.get('p90')):>8}  {_ms(q.get('p99')):>8}  {_ms(q.get('max')):>8}")
+        d = pair["direct"][key] or {}
+        for name in others:
+            o = pair[name][key] or {}
+            if d.get("p50") is not None and o.get("p50") is not None:
+                added50[name].append(o["p50"] - d["p50"])
+                added99[name].append(o["p99"] - d["p99"])
     lines.append("")
-    lines.append(f"added by the gateway, p50: {spread([a * 1000 for a in added50])} ms")
-    lines.append(f"added by the gateway, p99: {spread([a * 1000 for a in added99])} ms")
+    for name in others:
+        lines.append(f"added by {_label(name)}, p50: {spread([a * 1000 for a in added50[name]])} ms")
+        lines.append(f"added by {_label(name)}, p99: {spread([a * 1000 for a in added99[name]])} ms")
     return "\n".join(lines), {
-        "added_p50_s_median": statistics.median(added50) if added50 else None,
-        "added_p99_s_median": statistics.median(added99) if added99 else None,
+        "added_p50_s_median": _median(added50.get("gateway", [])),
+        "added_p99_s_median": _median(added99.get("gateway", [])),
+        "sides": {name: {"added_p50_s_median": _median(added50[name]), "added_p99_s_median": _median(added99[name])} for name in others},
     }
 
 
-def memory_lines(rounds: list[dict[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    per_stream = []
+def memory_lines(rounds: list[dict[str, dict[str, Any]]], sides: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """RSS growth per open stream, for every side but direct; the gateway's worst round at the top level."""
+    others = [name for name in (sides or ["direct", "gateway"]) if name != "direct"]
+    per_stream: dict[str, list[float]] = {name: [] for name in others}
     lines = []
     for i, pair in enumerate(rounds, 1):
-        gw = pair["gateway"].get("gateway") or {}
-        growth = gw.get("rss_peak_bytes", 0) - gw.get("rss_start_bytes", 0)
-        peak_open = pair["gateway"]["open_peak"]
-        value = growth / peak_open if peak_open else None
-        if value is not None:
-            per_stream.append(value)
-        lines.append(
-            f"round {i}: gateway RSS {gw.get('rss_start_bytes', 0) / 1e6:.1f} MB -> peak {gw.get('rss_peak_bytes', 0) / 1e6:.1f} MB"
-            f" with {peak_open} streams open: {value / 1024 if value else 0:.1f} KB per open stream"
-        )
-    return "\n".join(lines), {"rss_per_stream_bytes_max": max(per_stream) if per_stream else None}
+        for name in others:
+            srv = pair[name].get("gateway") or {}
+            growth = srv.get("rss_peak_bytes", 0) - srv.get("rss_start_bytes", 0)
+            peak_open = pair[name]["open_peak"]
+            value = growth / peak_open if peak_open else None
+            if value is not None:
+                per_stream[name].append(value)
+            lines.append(
+                f"round {i}: {name} RSS {srv.get('rss_start_bytes', 0) / 1e6:.1f} MB -> peak {srv.get('rss_peak_bytes', 0) / 1e6:.1f} MB"
+                f" with {peak_open} streams open: {value / 1024 if value else 0:.1f} KB per open stream"
+            )
+    gateway = per_stream.get("gateway", [])
+    return "\n".join(lines), {
+        "rss_per_stream_bytes_max": max(gateway) if gateway else None,
+        "rss_per_stream_bytes_max_by_side": {name: max(v) if v else None for name, v in per_stream.items()},
+    }
 
 
 def check(name: str, ok: bool | None, detail: str) -> str:
@@ -168,18 +265,34 @@ def check(name: str, ok: bool | None, detail: str) -> str:
     return f"[{verdict}] {name}: {detail}"
 
 
+def build_peers(args: argparse.Namespace) -> list[Peer]:
+    peers = [peers_mod.BUILTIN[name]() for name in args.peer]
+    if args.peer_command:
+        peers.append(peers_mod.command_peer(args.peer_command, name=args.peer_name, kind=args.peer_kind, ready=args.peer_ready))
+    names = [peer.name for peer in peers]
+    if len(set(names)) != len(names) or {"direct", "gateway"} & set(names):
+        raise SystemExit(f"peer names must be unique and neither 'direct' nor 'gateway': {names}")
+    return peers
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n", 2)[2])
     p.add_argument("--scenario", choices=sorted(loadtest.SCENARIOS), default="small")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--processes", type=int, default=1, help="gateway worker processes")
-    p.add_argument("--engine", choices=("python", "wrk"), default="python")
     p.add_argument("--latency-at", type=float, default=0.0, metavar="FRACTION",
-                   help="then run open loop at FRACTION of the gateway's median throughput, both sides, and compare latency")  # fmt: skip
+                   help="then run open loop at FRACTION of the gateway's median throughput, every side, and compare latency")  # fmt: skip
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra gateway environment")
     p.add_argument("--no-redis", action="store_true")
     p.add_argument("--no-otlp", action="store_true")
     p.add_argument("--gateway-dir", type=Path, help="run the gateway from this checkout")
+    p.add_argument("--peer", action="append", default=[], choices=sorted(peers_mod.BUILTIN),
+                   help="also run the scenario through this peer, in the same rounds (repeatable)")  # fmt: skip
+    p.add_argument("--peer-command", metavar="CMD", help="a peer of your own: command line with {port}, {fake_url}, {python}, {repo}")
+    p.add_argument("--peer-name", default="custom", help="its column's name")
+    p.add_argument("--peer-kind", choices=("provider", "openai"), default="provider", help="the request shape it takes")
+    p.add_argument("--peer-ready", default=r"listening on", metavar="REGEX", help="the output line that says it is ready")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between runs")
     p.add_argument("--json", type=Path)
     p.add_argument("--quiet", action="store_true")
@@ -188,52 +301,63 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     scenario = loadtest.scenario_from_args(args)
     extra_env = dict(item.split("=", 1) for item in args.env)
+    peers = build_peers(args)
+    for peer in peers:
+        peer.install()  # before anything runs: an install takes minutes, once
 
     stack = start_stack(processes=args.processes, redis=not args.no_redis, otlp=not args.no_otlp, extra_env=extra_env, gateway_dir=args.gateway_dir)
+    running: list[RunningPeer] = []
     out: dict[str, Any] = {"scenario": scenario.name, "settings": vars(args) | {"json": None, "gateway_dir": str(args.gateway_dir)}}
     report: list[str] = []
     try:
+        for peer in peers:
+            running.append(peer.start(stack.workdir, stack.fake_url))
+        sides = stack_sides(stack) + [peer_side(peer) for peer in running]
+        names = [side.name for side in sides]
         features = f"Redis limiter {'off' if args.no_redis else 'on'}, OTLP export {'off' if args.no_otlp else 'on'}, events on, metrics on"
         report.append(f"== compare: {scenario.name} ({scenario.description}); {args.rounds} rounds; gateway processes {args.processes}; {features}")
         if extra_env:
             report.append(f"   gateway env: {extra_env}")
+        for peer in running:
+            report.append(f"   peer {peer.name}: {peer.url} ({peer.kind} requests), pid {peer.pid}")
         s = scenario
-        report.append(
-            f"   {s.connections} connections, {'open loop %g/s' % s.rate if s.rate else 'closed loop'}, "
-            f"{'one request per connection' if s.per_connection else '%gs + %gs warm-up' % (s.duration_s, s.warmup_s)}, "
-            f"tokens {s.tokens} at {s.tokens_per_s or 'unpaced'}/s, engine {args.engine}"
-        )
-        rounds = alternate(stack, scenario, args.rounds, engine=args.engine, quiet=args.quiet, pause_s=args.pause)
+        loop = f"open loop {s.rate:g}/s" if s.rate else "closed loop"
+        length = "one request per connection" if s.per_connection else f"{s.duration_s:g}s + {s.warmup_s:g}s warm-up"
+        report.append(f"   {s.connections} connections, {loop}, {length}, tokens {s.tokens} at {s.tokens_per_s or 'unpaced'}/s")
+        rounds = alternate(sides, scenario, args.rounds, quiet=args.quiet, pause_s=args.pause)
         out["rounds"] = rounds
-        text, summary = throughput_table(rounds, scenario.stream)
+        text, summary = throughput_table(rounds, scenario.stream, names)
         report += ["", text]
         out["summary"] = summary
-        if args.engine == "python":
-            text, lat = latency_table(rounds, "latency_s", "latency at full load")
+        text, lat = latency_table(rounds, "latency_s", "latency at full load", names)
+        report += ["", text]
+        if scenario.stream and scenario.tokens_per_s > 0:
+            text, late = latency_table(rounds, "lateness_s", "per-event lateness", names)
             report += ["", text]
-            if scenario.stream and scenario.tokens_per_s > 0:
-                text, late = latency_table(rounds, "lateness_s", "per-event lateness")
-                report += ["", text]
-                summary["lateness"] = late
+            summary["lateness"] = late
         if scenario.stream:
-            text, mem = memory_lines(rounds)
+            text, mem = memory_lines(rounds, names)
             report += ["", text]
             summary.update(mem)
 
         if args.latency_at > 0 and summary["gateway_rps_median"]:
             rate = summary["gateway_rps_median"] * args.latency_at
             open_loop = replace(scenario, rate=rate)
-            lat_rounds = alternate(stack, open_loop, args.rounds, engine="python", quiet=args.quiet, pause_s=args.pause)
+            lat_rounds = alternate(sides, open_loop, args.rounds, quiet=args.quiet, pause_s=args.pause)
             out["latency_rounds"] = lat_rounds
-            text, lat = latency_table(lat_rounds, "latency_s", f"latency at {rate:.0f} req/s ({args.latency_at:g} of the gateway's throughput)")
+            text, lat = latency_table(lat_rounds, "latency_s", f"latency at {rate:.0f} req/s ({args.latency_at:g} of the gateway's throughput)", names)
             report += ["", text]
             summary["latency_at_fraction"] = lat | {"rate": rate}
-            achieved = [r["gateway"]["requests_per_s"] for r in lat_rounds]
-            report.append(f"achieved gateway rate: {spread(achieved)} req/s")
+            for name in names[1:]:
+                achieved = [r[name]["requests_per_s"] for r in lat_rounds]
+                errors = sum(sum(r[name]["errors"].values()) for r in lat_rounds)
+                report.append(f"achieved {name} rate: {spread(achieved)} req/s, {errors} errors")
 
         report.append("")
         report += targets(scenario, args.processes, summary)
     finally:
+        for peer in running:
+            peer.stop()
         stack.stop()
     print("\n".join(report))
     if args.json:

@@ -12,7 +12,6 @@ splits the gateway's cost into "framework and client" and "features".
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -25,16 +24,18 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import loadtest
-from bench.stack import REPO, Proc, exit_on_sigterm, start_fake_provider
+from bench.stack import REPO, exit_on_sigterm, start_fake_provider
+from fakes.processes import ManagedProcess, start_server
 
 
-def start_floor_proxy(workdir: Path, upstream: str) -> tuple[Proc, str]:
-    proc = Proc(
-        "floor proxy",
+def start_floor_proxy(workdir: Path, upstream: str) -> tuple[ManagedProcess, str]:
+    proc, match = start_server(
         [sys.executable, str(REPO / "bench" / "floor_proxy.py"), "--port", "0", "--upstream", upstream],
-        workdir / "floor_proxy.log",
+        name="floor proxy",
+        ready=r"floor proxy listening on (http://[\w.:-]+:\d+)",
+        log_path=workdir / "floor_proxy.log",
     )
-    return proc, proc.wait_for(re.compile(r"floor proxy listening on (http://[\w.:-]+:\d+)")).group(1)
+    return proc, match.group(1)
 
 
 def _run(url: str, pid: int, scenario: loadtest.Scenario, quiet: bool) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import gc
 import signal
 
 import pycurl
-
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
@@ -75,7 +74,7 @@ async def serve(host: str, port: int, upstream: str) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 100)
-    print("floor proxy listening on http://%s:%d" % (host, sockets[0].getsockname()[1]), flush=True)
+    print(f"floor proxy listening on http://{host}:{sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

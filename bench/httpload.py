@@ -82,8 +82,7 @@ class Stats:
     def begin(self) -> None:
         self.started += 1
         self.open_now += 1
-        if self.open_now > self.open_peak:
-            self.open_peak = self.open_now
+        self.open_peak = max(self.open_peak, self.open_now)
 
     def end(self) -> None:
         self.open_now -= 1
@@ -334,7 +333,7 @@ async def connect(target: Target, stats: Stats, record: bool, timeout_s: float =
         _, conn = await asyncio.wait_for(
             loop.create_connection(lambda: Connection(target, stats, record), target.host, target.port), timeout_s
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ResponseError("connect_timeout") from None
     except OSError:
         raise ResponseError("connect") from None

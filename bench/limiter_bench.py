@@ -28,8 +28,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from limiter.base import Limiter, LimitRule
 from limiter.memory import MemoryLimiter
-from redisconn.connect import connect
 from limiter.redis_limiter import RedisLimiter
+from redisconn.connect import connect
 
 # Commands a client sends itself; everything a script calls is excluded.
 _TOP_LEVEL = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro", "cmdstat_script|load")

@@ -26,8 +26,10 @@ With ``--pid`` (the gateway's pid; its worker processes are included) the table
 also gives the CPU seconds it used in the window and its peak RSS. A progress line
 goes to stderr; ``--json FILE`` writes every figure for scripts (compare.py).
 
-``--engine wrk`` drives ``wrk`` (C, far cheaper per request than any Python client)
-for the closed-loop scenarios; it reports no TTFB and no per-event figures.
+``--kind openai`` sends the OpenAI-shaped equivalent (``/v1/chat/completions``,
+``/v1/embeddings``, bearer token) to any OpenAI-compatible proxy, e.g. a peer
+started by bench/compare.py --peer litellm. Its streamed tokens are counted by
+``"content":"``, which also matches a role-only first chunk when the proxy sends one.
 """
 
 from __future__ import annotations
@@ -35,12 +37,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,11 +48,21 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import procinfo
-from bench.httpload import Connection, ResponseError, Stats, Target, build_request, connect, summary
+from bench.httpload import (
+    Connection,
+    ResponseError,
+    Stats,
+    Target,
+    build_request,
+    connect,
+    summary,
+)
 
 ANTHROPIC_MODEL = "claude-3-haiku-20240307"
 EMBEDDINGS_MODEL = "text-embedding-ada-002"
 TOKEN_MARKER = b"event: content_block_delta"
+OPENAI_TOKEN_MARKER = b'"content":"'
+KINDS = ("gateway", "provider", "openai")
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,6 @@ class Options:
     pid: int | None = None
     path: str = ""
     progress: bool = True
-    engine: str = "python"
     extra_prompt: str = ""
 
 
@@ -114,9 +121,12 @@ def make_target(opts: Options) -> Target:
     scn = opts.scenario
     base = opts.url.rstrip("/")
     headers: dict[str, str] = {"Content-Type": "application/json"}
+    if opts.kind not in KINDS:
+        raise ValueError(f"unknown kind {opts.kind!r}: one of {', '.join(KINDS)}")
+    marker = OPENAI_TOKEN_MARKER if opts.kind == "openai" else TOKEN_MARKER
     if scn.embeddings:
         inputs = [f"benchmark input number {i} with a few words" for i in range(scn.batch)]
-        model = EMBEDDINGS_MODEL if opts.kind == "provider" else f"openai/{EMBEDDINGS_MODEL}"
+        model = f"openai/{EMBEDDINGS_MODEL}" if opts.kind == "gateway" else EMBEDDINGS_MODEL
         body: dict[str, Any] = {"model": model, "input": inputs}
         path = "/v1/embeddings"
         feature = "embeddings"
@@ -128,12 +138,18 @@ def make_target(opts: Options) -> Target:
         }
         if scn.stream:
             body["stream"] = True
-        path = "/v1/messages" if opts.kind == "provider" else "/v1/completions/anthropic-messages"
+        path = {
+            "provider": "/v1/messages",
+            "gateway": "/v1/completions/anthropic-messages",
+            "openai": "/v1/chat/completions",
+        }[opts.kind]
         feature = "chat_completions"
     if opts.kind == "provider":
         headers["x-api-key"] = "bench"
         headers["anthropic-version"] = "2023-06-01"
         headers["Authorization"] = "Bearer bench"
+    elif opts.kind == "openai":
+        headers["Authorization"] = f"Bearer {opts.token or 'bench'}"
     else:
         headers["Authorization"] = f"Bearer {opts.token}"
         headers["X-Sourcegraph-Feature"] = feature
@@ -143,7 +159,7 @@ def make_target(opts: Options) -> Target:
         port=port,
         request=raw,
         stream=scn.stream,
-        token_marker=TOKEN_MARKER if scn.stream else b"",
+        token_marker=marker if scn.stream else b"",
         pace_per_s=scn.tokens_per_s if scn.stream else 0.0,
     )
 
@@ -388,7 +404,6 @@ class Runner:
             "settings": asdict(scn),
             "url": self.opts.url,
             "kind": self.opts.kind,
-            "engine": "python",
             "window_s": window,
             "ok": stats.ok,
             "requests_per_s": stats.ok / window,
@@ -425,142 +440,6 @@ class Runner:
         return result
 
 
-# -- wrk engine -------------------------------------------------------------------
-
-_WRK_SCRIPT = r"""
-wrk.method = "POST"
-wrk.body = [==[%(body)s]==]
-%(headers)s
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-%(counter)s
-function done(summary, latency, requests)
-  local events, tokens = 0, 0
-  for _, t in ipairs(threads) do
-    events = events + (t:get("events") or 0)
-    tokens = tokens + (t:get("tokens") or 0)
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%%d,"duration_us":%%d,"bytes":%%d,"connect":%%d,"read":%%d,"write":%%d,"status":%%d,"timeout":%%d,' ..
-    '"p50":%%d,"p90":%%d,"p99":%%d,"mean":%%f,"max":%%d,"events":%%d,"tokens":%%d}\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max, events, tokens))
-end
-"""
-
-_WRK_COUNTER = r"""
-events, tokens = 0, 0
-function response(status, headers, body)
-  local _, n = string.gsub(body, "\n\n", "")
-  events = events + n
-  local _, m = string.gsub(body, "event: content_block_delta", "")
-  tokens = tokens + m
-end
-"""
-
-
-def run_wrk(opts: Options) -> dict[str, Any]:
-    scn = opts.scenario
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        raise SystemExit("wrk is not installed (apt-get install -y wrk)")
-    if scn.rate > 0 or scn.per_connection or (scn.stream and scn.tokens_per_s > 0):
-        raise SystemExit("--engine wrk runs closed-loop, unpaced scenarios only")
-    target = make_target(opts)
-    head, _, body = target.request.partition(b"\r\n\r\n")
-    header_lines = []
-    for line in head.split(b"\r\n")[2:]:
-        name, _, value = line.decode("latin-1").partition(": ")
-        if name.lower() not in ("content-length",):
-            header_lines.append(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}")
-    script = _WRK_SCRIPT % {
-        "body": body.decode(),
-        "headers": "\n".join(header_lines),
-        "counter": _WRK_COUNTER if scn.stream else "",
-    }
-    url = opts.url.rstrip("/") + (
-        opts.path or ("/v1/embeddings" if scn.embeddings else "/v1/messages" if opts.kind == "provider" else "/v1/completions/anthropic-messages")
-    )
-    sampler = Sampler(opts.pid)
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(script)
-        script_path = f.name
-    try:
-        if scn.warmup_s > 0:
-            subprocess.run(
-                [wrk, "-t1", f"-c{scn.connections}", f"-d{max(1, math.ceil(scn.warmup_s))}s", "-s", script_path, url],
-                capture_output=True, check=False,
-            )  # fmt: skip
-        sampler.start()
-        proc = subprocess.Popen(
-            [wrk, "-t1", f"-c{scn.connections}", f"-d{max(1, math.ceil(scn.duration_s))}s",
-             f"--timeout={int(scn.timeout_s)}s", "-s", script_path, url],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        client_cpu0 = _children_cpu()
-        while proc.poll() is None:
-            time.sleep(0.25)
-            sampler.tick(scn.connections)
-        out = proc.stdout.read() if proc.stdout else ""
-        sampler.stop()
-        client_cpu = _children_cpu() - client_cpu0
-    finally:
-        os.unlink(script_path)
-    line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk printed no result:\n{out}")
-    w = json.loads(line[len("WRKJSON ") :])
-    window = w["duration_us"] / 1e6
-    errors = {k: w[k] for k in ("connect", "read", "write", "timeout") if w[k]}
-    if w["status"]:
-        errors["http_non_2xx"] = w["status"]
-    ok = w["requests"] - w["status"]
-    us = 1e-6
-    result: dict[str, Any] = {
-        "scenario": scn.name,
-        "settings": asdict(scn),
-        "url": opts.url,
-        "kind": opts.kind,
-        "engine": "wrk",
-        "window_s": window,
-        "ok": ok,
-        "requests_per_s": ok / window,
-        "errors": errors,
-        "ttfb_s": {"p50": None, "p90": None, "p99": None, "mean": None, "max": None},
-        "latency_s": {"p50": w["p50"] * us, "p90": w["p90"] * us, "p99": w["p99"] * us, "mean": w["mean"] * us, "max": w["max"] * us},
-        "events": w["events"],
-        "events_per_s": w["events"] / window,
-        "tokens": w["tokens"],
-        "tokens_per_s": w["tokens"] / window,
-        "body_bytes_per_s": w["bytes"] / window,
-        "lateness_s": None,
-        "open_peak": scn.connections,
-        "connects": None,
-        "client_cpu_s": client_cpu,
-    }
-    if sampler.pid is not None:
-        cpu = sampler.cpu_end - sampler.cpu_start
-        result["gateway"] = {
-            "pid": sampler.pid,
-            "processes": sampler.processes,
-            "cpu_s": cpu,
-            "cpu_per_request_ms": 1000 * cpu / ok if ok else None,
-            "cpu_share_of_one_core": cpu / window,
-            "rss_start_bytes": sampler.rss_start,
-            "rss_peak_bytes": sampler.rss_peak,
-            "rss_end_bytes": sampler.rss_end,
-            "rss_per_open_stream_bytes": None,
-            "open_at_rss_peak": None,
-        }
-    return result
-
-
-def _children_cpu() -> float:
-    t = os.times()
-    return t.children_user + t.children_system
-
-
 # -- output -----------------------------------------------------------------------
 
 
@@ -576,7 +455,7 @@ def format_table(r: dict[str, Any]) -> str:
     s = r["settings"]
     rows: list[tuple[str, str]] = []
     mode = f"open loop {s['rate']:g}/s" if s["rate"] else ("one request per connection" if s["per_connection"] else "closed loop")
-    rows.append(("scenario", f"{r['scenario']} ({mode}, {s['connections']} connections, engine {r['engine']})"))
+    rows.append(("scenario", f"{r['scenario']} ({mode}, {s['connections']} connections)"))
     rows.append(("target", f"{r['url']} ({r['kind']})"))
     rows.append(("window", f"{r['window_s']:.1f} s"))
     rows.append(("requests", f"{r['ok']} ok, {r['requests_per_s']:.1f}/s"))
@@ -597,8 +476,11 @@ def format_table(r: dict[str, Any]) -> str:
         rows.append(("open streams", f"peak {r['open_peak']}"))
     gw = r.get("gateway")
     if gw:
-        rows.append(("server CPU", f"{gw['cpu_s']:.2f} s ({100 * gw['cpu_share_of_one_core']:.0f}% of one core, "
-                     f"{gw['cpu_per_request_ms'] or 0:.3f} ms per request), {gw['processes']} process(es)"))  # fmt: skip
+        cpu = (
+            f"{gw['cpu_s']:.2f} s ({100 * gw['cpu_share_of_one_core']:.0f}% of one core, "
+            f"{gw['cpu_per_request_ms'] or 0:.3f} ms per request), {gw['processes']} process(es)"
+        )
+        rows.append(("server CPU", cpu))
         per_stream = gw.get("rss_per_open_stream_bytes")
         extra = f", {per_stream / 1024:.1f} KB per open stream at {gw['open_at_rss_peak']} open" if per_stream else ""
         rows.append(("server RSS", f"peak {_mb(gw['rss_peak_bytes'])} (start {_mb(gw['rss_start_bytes'])}, end {_mb(gw['rss_end_bytes'])}){extra}"))
@@ -614,11 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:9992")
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="small")
-    p.add_argument("--kind", choices=("gateway", "provider"), default="gateway")
+    p.add_argument("--kind", choices=KINDS, default="gateway", help="request shape: Cody Gateway, the fake provider direct, an OpenAI-compatible proxy")
     p.add_argument("--token", default=os.environ.get("BENCH_TOKEN", ""), help="gateway bearer token (or BENCH_TOKEN)")
     p.add_argument("--pid", type=int, help="gateway pid: report its (and its workers') CPU and RSS")
     p.add_argument("--path", default="", help="override the request path")
-    p.add_argument("--engine", choices=("python", "wrk"), default="python")
     add_scenario_flags(p)
     p.add_argument("--json", type=Path, help="also write all figures to this file")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -657,8 +538,6 @@ def scenario_from_args(args: argparse.Namespace, name: str | None = None) -> Sce
 
 def run(opts: Options) -> dict[str, Any]:
     """One scenario, start to finish, in a fresh event loop (uvloop when installed)."""
-    if opts.engine == "wrk":
-        return run_wrk(opts)
     if opts.kind == "gateway" and not opts.token:
         raise SystemExit("--token is required for --kind gateway")
     try:
@@ -678,7 +557,6 @@ def main(argv: list[str] | None = None) -> int:
         pid=args.pid,
         path=args.path,
         progress=not args.quiet,
-        engine=args.engine,
     )
     result = run(opts)
     print(format_table(result))

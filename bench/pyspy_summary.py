@@ -91,7 +91,7 @@ def parse(lines: list[str]) -> Profile:
         thread = frames[0]
         # "thread (1234): MainThread" -> "MainThread"; keep the name only.
         thread_name = thread.split(": ", 1)[-1] if thread.startswith("thread") else thread
-        body = frames[1:] if thread.startswith("thread") or thread.startswith("process") else frames
+        body = frames[1:] if thread.startswith(("thread", "process")) else frames
         if body and body[0].startswith("thread"):
             thread_name = body[0].split(": ", 1)[-1]
             body = body[1:]

@@ -19,22 +19,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import Self
 
-REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fakes.processes import (
+    REPO,
+    FakeProviderProcess,
+    ManagedProcess,
+    free_port,
+    start_server,
+)
+
+# Kept importable from here: the scripts in bench/ use these names.
+__all__ = ["REPO", "ManagedProcess", "Stack", "StackError", "exit_on_sigterm", "free_port", "start_stack"]
+
 TOKEN = "sgd_" + "b" * 64
 ACTOR_ID = "bench-actor"
 UPSTREAM_KEY = "bench-upstream-key"
@@ -49,67 +58,6 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Proc:
-    """One child process whose output goes to a file; stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(self, name: str, args: list[str], log_path: Path, *, env: Mapping[str, str] | None = None, cwd: Path = REPO) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log: IO[bytes] = open(log_path, "wb")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.popen = subprocess.Popen(
-            args, cwd=str(cwd), env=full_env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_for(self, pattern: re.Pattern[str], timeout_s: float = 30.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            match = pattern.search(self.output())
-            if match:
-                return match
-            if self.popen.poll() is not None:
-                raise StackError(f"{self.name} exited ({self.popen.returncode}):\n{self.output()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise StackError(f"{self.name}: no {pattern.pattern!r} within {timeout_s}s:\n{self.output()[-3000:]}")
-            time.sleep(0.05)
-
-    def wait_until(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            if self.popen.poll() is not None:
-                raise StackError(f"{self.name} exited ({self.popen.returncode}):\n{self.output()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise StackError(f"{self.name}: no {what} within {timeout_s}s:\n{self.output()[-3000:]}")
-            time.sleep(0.05)
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
-        return self.popen.returncode
-
-
 def _answers(url: str) -> bool:
     # No proxy, whatever the environment says: everything here is on 127.0.0.1.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -120,36 +68,36 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_redis(workdir: Path) -> tuple[Proc, str]:
+def start_redis(workdir: Path) -> tuple[ManagedProcess, str]:
     server = shutil.which("redis-server")
     if server is None:
         raise StackError("redis-server is not installed (apt-get install -y redis-server)")
     port = free_port()
     data = workdir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    proc = Proc(
-        "redis-server",
+    proc, _ = start_server(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data)],
-        workdir / "redis.log",
+        name="redis-server",
+        ready=r"Ready to accept connections",
+        timeout=15,
+        log_path=workdir / "redis.log",
     )
-    proc.wait_for(re.compile(r"Ready to accept connections"), 15)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def start_fake_provider(workdir: Path) -> tuple[Proc, str]:
+def start_fake_provider(workdir: Path) -> tuple[ManagedProcess, str]:
     # A short request log: the fake keeps one dict per request for tests' introspection.
-    proc = Proc(
-        "fake provider",
-        [sys.executable, "-m", "fakes.provider", "--port", "0", "--request-log-size", "16"],
-        workdir / "fake_provider.log",
+    fake = FakeProviderProcess(["--request-log-size", "16"], log_path=workdir / "fake_provider.log")
+    return fake.process, fake.base_url
+
+
+def start_otlp_sink(workdir: Path) -> tuple[ManagedProcess, str]:
+    proc, match = start_server(
+        [sys.executable, "-m", "fakes.otlp", "--port", "0"],
+        name="otlp sink",
+        ready=r"otlp sink listening on (http://[\w.:-]+:\d+)",
+        log_path=workdir / "otlp.log",
     )
-    match = proc.wait_for(re.compile(r"fake provider listening on (http://[\w.:-]+:\d+)"))
-    return proc, match.group(1)
-
-
-def start_otlp_sink(workdir: Path) -> tuple[Proc, str]:
-    proc = Proc("otlp sink", [sys.executable, "-m", "fakes.otlp", "--port", "0"], workdir / "otlp.log")
-    match = proc.wait_for(re.compile(r"otlp sink listening on (http://[\w.:-]+:\d+)"))
     return proc, match.group(1)
 
 
@@ -214,15 +162,15 @@ class Stack:
     redis_url: str = ""
     otlp_url: str = ""
     token: str = TOKEN
-    procs: dict[str, Proc] = field(default_factory=dict)
+    procs: dict[str, ManagedProcess] = field(default_factory=dict)
     _own_workdir: bool = False
 
     @property
-    def gateway(self) -> Proc:
+    def gateway(self) -> ManagedProcess:
         return self.procs["gateway"]
 
     @property
-    def fake(self) -> Proc:
+    def fake(self) -> ManagedProcess:
         return self.procs["fake"]
 
     def stop(self) -> None:
@@ -230,11 +178,11 @@ class Stack:
         for name in ("gateway", "fake", "otlp", "redis"):
             proc = self.procs.pop(name, None)
             if proc is not None:
-                proc.stop()
+                proc.stop(20)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -276,7 +224,7 @@ def start_stack(
             source = gateway_dir or Path(os.environ.get("BENCH_GATEWAY_DIR") or REPO)
             port = free_port()
             cmd = [*(gateway_prefix or [sys.executable]), str(source / "gateway.py"), "--port", str(port)]
-            proc = Proc("gateway", cmd, wd / "gateway.log", env=env, cwd=wd)
+            proc = ManagedProcess(cmd, name="gateway", log_path=wd / "gateway.log", env=env, cwd=wd)
             stack.procs["gateway"] = proc
             stack.gateway_url = f"http://127.0.0.1:{port}"
             # Readiness is an answer on the port, not a log line: the log level may hide it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import loadtest, procinfo, pyspy_summary
+from bench import loadtest, peers, procinfo, pyspy_summary
 from bench.httpload import Connection, Stats, Target
 from bench.stack import Stack, start_stack
+from fakes.processes import ManagedProcess, NotReady, ProcessExited, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,14 +34,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def tiny(name: str, **changes: object) -> loadtest.Scenario:
-    base = dict(connections=2, duration_s=1.0, warmup_s=0.2, ramp_s=0.0, timeout_s=20.0)
+    base: dict[str, object] = {"connections": 2, "duration_s": 1.0, "warmup_s": 0.2, "ramp_s": 0.0, "timeout_s": 20.0}
     if loadtest.SCENARIOS[name].per_connection:
         base.update(connections=3, ramp_s=0.2)
     return replace(loadtest.SCENARIOS[name], **(base | changes))  # type: ignore[arg-type]
 
 
 def run(stack: Stack, scenario: loadtest.Scenario, kind: str, **extra: object) -> dict:
-    direct = kind == "provider"
+    direct = kind in ("provider", "openai")  # "openai": the fake provider's OpenAI route, as a peer would reach it
     opts = loadtest.Options(
         url=stack.fake_url if direct else stack.gateway_url,
         scenario=scenario,
@@ -118,12 +120,68 @@ def test_embeddings_scenario_runs(stack: Stack) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
-def test_wrk_engine(stack: Stack) -> None:
-    result = run(stack, tiny("small", warmup_s=0.0), "gateway", engine="wrk")
-    assert result["engine"] == "wrk"
-    assert result["ok"] > 0 and result["errors"] == {}
-    assert result["latency_s"]["p50"] > 0
+@pytest.mark.parametrize("scenario", ["small", "unpaced"])
+def test_openai_kind_against_the_fakes_openai_route(stack: Stack, scenario: str) -> None:
+    # The request shape a peer of kind "openai" (LiteLLM's proxy) gets; the fake provider answers it too.
+    result = run(stack, tiny(scenario, tokens=10), "openai")
+    assert result["errors"] == {}, result["errors"]
+    assert result["ok"] > 0
+    if scenario == "unpaced":
+        # 10 content chunks, plus the role-only first chunk that the marker also matches.
+        assert result["tokens"] >= 0.8 * 10 * result["ok"]
+
+
+def test_litellm_config_points_at_the_fake_provider() -> None:
+    config = peers.litellm_config("http://127.0.0.1:1234", "sk-bench-x")
+    models = {m["model_name"]: m["litellm_params"] for m in config["model_list"]}  # type: ignore[attr-defined]
+    assert models[loadtest.ANTHROPIC_MODEL]["model"] == f"openai/{loadtest.ANTHROPIC_MODEL}"
+    assert models[loadtest.ANTHROPIC_MODEL]["api_base"] == "http://127.0.0.1:1234/v1"
+    assert models[loadtest.EMBEDDINGS_MODEL]["model"] == f"openai/{loadtest.EMBEDDINGS_MODEL}"
+    assert config["general_settings"] == {"master_key": "sk-bench-x"}
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_starts_answers_and_stops(stack: Stack, tmp_path: Path) -> None:
+    # A stand-in that is cheap to start: the bare relay, given as a command of one's own.
+    peer = peers.command_peer("{python} {repo}/bench/floor_proxy.py --port {port} --upstream {fake_url}", name="relay", ready="floor proxy listening on")
+    running = peer.start(tmp_path, stack.fake_url)
+    try:
+        result = run(replace(stack, fake_url=running.url), tiny("small"), "provider")
+        assert result["errors"] == {}, result["errors"]
+        assert result["ok"] > 0
+    finally:
+        running.stop()
+    assert running.process.proc.returncode is not None
+
+
+@pytest.mark.timeout(30)
+def test_a_peer_that_never_gets_ready_is_stopped(tmp_path: Path) -> None:
+    peer = peers.command_peer("{python} -c 'import time; print(\"starting\", flush=True); time.sleep(60)'", name="mute", ready="never printed")
+    peer.start_timeout_s = 1.0
+    with pytest.raises(NotReady) as excinfo:
+        peer.start(tmp_path, "http://127.0.0.1:1")
+    assert "starting" in str(excinfo.value)
+    assert (tmp_path / "peer-mute.log").read_text().strip() == "starting"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("to_file", [False, True])
+def test_managed_process_waits_for_a_line_in_memory_or_in_a_file(tmp_path: Path, to_file: bool) -> None:
+    script = "import sys, time; print('one'); print('ready on 42', flush=True); time.sleep(30)"
+    log = tmp_path / "child.log" if to_file else None
+    proc, match = start_server([sys.executable, "-c", script], name="child", ready=r"ready on (\d+)", log_path=log, timeout=10)
+    try:
+        assert match.group(1) == "42"
+        assert proc.lines[:2] == ["one", "ready on 42"]
+        assert "one" in proc.output()
+        with pytest.raises(NotReady):
+            proc.wait_for("one", timeout=0.3, start=2)
+    finally:
+        assert proc.stop(5) == -signal.SIGTERM
+    exited = ManagedProcess([sys.executable, "-c", "print('bye')"], name="short", log_path=log)
+    with pytest.raises(ProcessExited):
+        exited.wait_for("never", timeout=10)
+    exited.stop()
 
 
 @pytest.mark.timeout(90)
@@ -133,7 +191,7 @@ def test_compare_script_prints_ratios(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "bench" / "compare.py"), "--scenario", "small", "--rounds", "1",
          "--duration", "1", "--warmup", "0.2", "--connections", "2", "--pause", "0", "--quiet",
          "--latency-at", "0.5", "--json", str(out_json)],
-        cwd=REPO, capture_output=True, text=True, timeout=80, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=80, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "throughput ratio gateway/direct" in proc.stdout
@@ -143,12 +201,41 @@ def test_compare_script_prints_ratios(tmp_path: Path) -> None:
     assert data["summary"]["throughput_ratio_median"] > 0
 
 
+@pytest.mark.timeout(120)
+def test_compare_script_runs_peers_in_the_same_rounds(tmp_path: Path) -> None:
+    # The plumbing of --peer litellm without installing LiteLLM: a built-in peer (the
+    # bare relay) and a command of one's own (a second fake provider) in the same table.
+    out_json = tmp_path / "compare.json"
+    proc = _script(
+        "bench/compare.py", "--scenario", "unpaced", "--tokens", "10", "--rounds", "2", "--duration", "0.5",
+        "--warmup", "0", "--connections", "2", "--pause", "0", "--quiet", "--no-otlp",
+        "--peer", "floor",
+        "--peer-command", "{python} {repo}/fakes/provider.py --port {port}", "--peer-name", "fake2",
+        "--peer-kind", "openai", "--peer-ready", "fake provider listening on",
+        "--json", str(out_json), timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("gateway", "floor", "fake2"):
+        assert f"throughput ratio {name}/direct" in proc.stdout
+        assert f"tokens/s ratio {name}/direct" in proc.stdout
+    assert "added by floor, p99" in proc.stdout
+    assert "round 2: fake2 RSS" in proc.stdout
+    data = json.loads(out_json.read_text())
+    sides = data["summary"]["sides"]
+    assert set(sides) == {"gateway", "floor", "fake2"}
+    assert all(side["throughput_ratio_median"] > 0 and side["errors"] == 0 for side in sides.values()), sides
+    # Every side ran in every round, and the order rotated.
+    assert [set(r) for r in data["rounds"]] == [{"direct", "gateway", "floor", "fake2"}] * 2
+    assert proc.stderr.index("round 1/2: direct") < proc.stderr.index("round 1/2: fake2")
+    assert proc.stderr.index("round 2/2: gateway") < proc.stderr.index("round 2/2: direct")
+
+
 @pytest.mark.timeout(60)
 def test_floor_script_measures_the_bare_relay() -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "floor.py"), "--scenario", "small", "--rounds", "1",
          "--duration", "1", "--connections", "2", "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=50, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=50, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ratio = float(proc.stdout.split("throughput ratio relay/direct: ")[1].split()[0])
@@ -228,7 +315,7 @@ def test_pyspy_summary_parses_raw_output() -> None:
 
 def _script(*args: str, timeout: float = 80) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 
