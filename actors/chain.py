@@ -29,6 +29,11 @@ from errors import GatewayError, ServiceUnavailable, Unauthorized
 log = logging.getLogger("gateway.actors")
 
 
+def actor_source_of(source: ActorSource) -> str:
+    """The source name events carry for ``source`` (the reference's name; see product_subscriptions)."""
+    return str(getattr(source, "actor_source", source.name))
+
+
 class TokenDeniedError(Unauthorized):
     """401 after a source denied the token; the handler records an Unauthorized event."""
 
@@ -55,7 +60,10 @@ class SourceChain:
         local_cache_size: int = 100_000,
     ) -> None:
         self.sources = list(sources)
+        # By configured name and by the source name its actors carry (refresh looks up actor.source).
         self._by_name = {s.name: s for s in self.sources}
+        for s in self.sources:
+            self._by_name.setdefault(actor_source_of(s), s)
         self._ttl = local_cache_ttl_s
         self._size = local_cache_size
         self._cache: OrderedDict[str, tuple[float, Actor]] = OrderedDict()
@@ -94,15 +102,17 @@ class SourceChain:
         try:
             check_token_format(token)
         except InvalidTokenFormat as exc:
-            source = "dotcom-user" if token.startswith(DOTCOM_USER_PREFIX) else "product-subscriptions"
-            raise Unauthorized(f"{source}: {exc}") from exc
+            named = "dotcom-user" if token.startswith(DOTCOM_USER_PREFIX) else "product-subscriptions"
+            raise Unauthorized(f"{named}: {exc}") from exc
         for source in self.sources:
             try:
                 return await source.get(token)
             except NotFromSource:
                 continue
             except TokenDenied as exc:
-                raise TokenDeniedError(f"{source.name}: {exc}", source=source.name, reason=exc.reason) from exc
+                raise TokenDeniedError(
+                    f"{source.name}: {exc}", source=actor_source_of(source), reason=exc.reason
+                ) from exc
             except InvalidTokenFormat as exc:
                 raise Unauthorized(f"{source.name}: {exc}") from exc
             except SourceUnavailable as exc:

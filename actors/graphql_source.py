@@ -94,10 +94,14 @@ def graphql_rate_limit(
 def changed_features(old: Actor | None, new: Actor, *, reset_without_old: bool) -> list[str]:
     """Features whose usage should be forgotten after ``new`` replaced ``old``.
 
-    Only features with a valid new limit count. With no comparable old actor
-    (none, empty, or another id) that is every such feature when
-    ``reset_without_old``; otherwise a feature counts when its old limit was
-    missing or its limit or interval changed.
+    The reference's maybeResetUsageData: only features with a valid new limit
+    count. With no comparable old actor (none, empty, or another id) that is
+    every such feature when ``reset_without_old``; otherwise a feature counts
+    only when its interval changed (an old limit that was missing has
+    interval 0, so it changed). A change of ``limit`` alone keeps the usage:
+    the bucket keeps its level and refills at the new rate. (The reference's
+    third condition, a usage key TTL longer than the interval, has no
+    meaning for a token bucket.)
     """
     if not new.id:
         return []
@@ -112,8 +116,8 @@ def changed_features(old: Actor | None, new: Actor, *, reset_without_old: bool) 
                 out.append(feature)
             continue
         assert old is not None
-        before = old.limit_for(feature)
-        if before is None or before.limit != limit.limit or before.interval_s != limit.interval_s:
+        before = old.rate_limits.get(feature)
+        if before is None or before.interval_s != limit.interval_s:
             out.append(feature)
     return out
 

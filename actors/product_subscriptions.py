@@ -1,5 +1,8 @@
 """The ``product-subscriptions`` source: ``slk_``/``sgs_`` tokens of enterprise subscriptions.
 
+Configured as ``product-subscriptions``; its actors' source (events, metrics)
+is the reference's ``dotcom-product-subscriptions``.
+
 Backed by the GraphQL operations ``CheckAccessToken`` (one token) and
 ``ListProductSubscriptions`` (all of them, for the periodic sync), cached
 in Redis under ``v2:product-subscriptions:v2:<slk_ token>``. A cached actor
@@ -53,7 +56,12 @@ from conf.model import ActorsConfig
 
 log = logging.getLogger("gateway.actors.product_subscriptions")
 
-SOURCE_NAME = "product-subscriptions"
+# The actor's source, as events, metrics, notifications and the attribution check see it:
+# the reference's name (its BigQuery queries select on it).
+SOURCE_NAME = "dotcom-product-subscriptions"
+# The source's name in the configuration (``actors.sources``), in the sync report and in
+# error messages: operators' config keeps working.
+CONFIG_NAME = "product-subscriptions"
 CHECK_OPERATION = "CheckAccessToken"
 LIST_OPERATION = "ListProductSubscriptions"
 NOT_FOUND_CODE = "ErrProductSubscriptionNotFound"
@@ -130,7 +138,8 @@ def build_subscription_actor(
 
 
 class ProductSubscriptionSource(CachedGraphQLSource):
-    name = SOURCE_NAME
+    name = CONFIG_NAME
+    actor_source = SOURCE_NAME
     refresh_after_s = REFRESH_AFTER_S
 
     def __init__(

@@ -11,12 +11,63 @@ really used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 QUOTA = "quota"
 CONCURRENCY = "concurrency"
 TOKENS = "tokens"
+
+# Every count that reaches a store (costs, token counts, limits) is clamped to
+# 0..MAX_UNITS (2^40, about 1.1e12): far above any real quota, far below where
+# a Lua double loses integer precision or a PEXPIRE goes out of range.
+MAX_UNITS = 1 << 40
+# The longest interval or lease a rule may ask for (10 years): beyond it the
+# rule is clamped, so every duration a store computes stays finite and bounded.
+MAX_DURATION_S = 10 * 365 * 86400.0
+
+
+def bounded_units(value: int) -> int:
+    """A count from outside (usage figure, cost, reserve) clamped to 0..MAX_UNITS."""
+    if value <= 0:
+        return 0
+    if value >= MAX_UNITS:
+        return MAX_UNITS
+    return int(value)
+
+
+def bounded_rule(rule: LimitRule) -> LimitRule:
+    """``rule`` with every number within what the stores handle exactly.
+
+    Limits are clamped to MAX_UNITS, intervals and lease TTLs to
+    MAX_DURATION_S; an interval that is not a finite number becomes 0 (a rule
+    that admits nothing). The rule itself is returned when nothing needs
+    changing, which is every real rule: this is the hot path.
+    """
+    interval = rule.interval_s
+    tokens = rule.tokens_limit
+    if (
+        0 <= rule.limit <= MAX_UNITS
+        and 0 < interval <= MAX_DURATION_S
+        and 0 <= rule.concurrency <= MAX_UNITS
+        and 0 < rule.lease_ttl_s <= MAX_DURATION_S
+        and (tokens is None or 0 <= tokens <= MAX_UNITS)
+    ):
+        return rule
+    if not math.isfinite(interval) or interval <= 0:
+        interval = 0.0
+    lease_ttl = rule.lease_ttl_s
+    if not math.isfinite(lease_ttl) or lease_ttl <= 0:
+        lease_ttl = 0.001
+    return replace(
+        rule,
+        limit=min(max(rule.limit, 0), MAX_UNITS) if rule.limit > 0 else rule.limit,
+        interval_s=min(interval, MAX_DURATION_S),
+        concurrency=min(max(rule.concurrency, 0), MAX_UNITS),
+        lease_ttl_s=min(lease_ttl, MAX_DURATION_S),
+        tokens_limit=None if tokens is None else min(max(tokens, 0), MAX_UNITS),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +147,28 @@ class Limiter(Protocol):
         """Free the lease; refund everything, or settle cost/tokens to the actual figures."""
         ...
 
+    async def renew(self, rule: LimitRule, decision: Decision, ttl_s: float) -> bool:
+        """Extend the decision's lease to expire no sooner than ``ttl_s`` from now.
+
+        True when the lease is held until then; False when there is none to
+        renew (no lease taken, released, expired) or the store cannot tell.
+        Never shortens a lease, never brings an expired one back, never raises
+        for a store outage.
+        """
+        ...
+
     async def status(self, rule: LimitRule) -> LimitStatus: ...
 
     async def reset(self, bucket: str, feature: str) -> None:
         """Forget usage (the reference's usage reset on a plan change)."""
+        ...
+
+    async def drain_releases(self, timeout_s: float = 5.0) -> int:
+        """Wait (at most ``timeout_s``) for releases still running and flush queued ones.
+
+        Call it at shutdown after the last requests ended and before ``close``
+        (``close`` calls it too). Returns the releases that could not be sent.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -15,9 +15,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, LimitRule, LimitStatus
+from limiter.base import (
+    CONCURRENCY,
+    MAX_DURATION_S,
+    MAX_UNITS,
+    QUOTA,
+    TOKENS,
+    Decision,
+    LimitRule,
+    LimitStatus,
+    bounded_rule,
+    bounded_units,
+)
+from limiter.scripts import MAX_TTL_MS
 
 SWEEP_INTERVAL_S = 60.0
+# The longest duration reported, as the Redis scripts cap theirs.
+MAX_WAIT_S = MAX_TTL_MS / 1000.0
+
+
+def _wait(seconds: float) -> float:
+    return min(max(seconds, 0.0), MAX_WAIT_S)
 
 
 @dataclass(slots=True)
@@ -100,8 +118,11 @@ class MemoryLimiter:
             del self._buckets[key]
 
     async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
+        rule = bounded_rule(rule)
         if _invalid(rule):
             return _denied_invalid(rule)
+        cost = bounded_units(cost)
+        token_reserve = bounded_units(token_reserve)
         now = self._clock()
         self._sweep(now)
         bucket = self._refilled(rule, now)
@@ -115,7 +136,7 @@ class MemoryLimiter:
                 limit=rule.concurrency,
                 remaining=0,
                 retry_after_s=1.0,
-                reset_s=max(0.0, soonest - now),
+                reset_s=_wait(soonest - now),
             )
         if bucket.level < cost:
             return Decision(
@@ -123,8 +144,8 @@ class MemoryLimiter:
                 cause=QUOTA,
                 limit=rule.limit,
                 remaining=max(0, int(math.floor(bucket.level))),
-                retry_after_s=(cost - bucket.level) / rate,
-                reset_s=(rule.limit - bucket.level) / rate,
+                retry_after_s=_wait((cost - bucket.level) / rate),
+                reset_s=_wait((rule.limit - bucket.level) / rate),
             )
         if rule.tokens_limit is not None and bucket.tokens_level is not None:
             if rule.tokens_limit <= 0:
@@ -144,8 +165,8 @@ class MemoryLimiter:
                     cause=TOKENS,
                     limit=rule.tokens_limit,
                     remaining=max(0, int(math.floor(bucket.tokens_level))),
-                    retry_after_s=(needed - bucket.tokens_level) / token_rate,
-                    reset_s=(rule.tokens_limit - bucket.tokens_level) / token_rate,
+                    retry_after_s=_wait((needed - bucket.tokens_level) / token_rate),
+                    reset_s=_wait((rule.tokens_limit - bucket.tokens_level) / token_rate),
                 )
             bucket.tokens_level -= token_reserve
         bucket.level -= cost
@@ -159,7 +180,7 @@ class MemoryLimiter:
             limit=rule.limit,
             remaining=max(0, int(math.floor(bucket.level))),
             retry_after_s=0.0,
-            reset_s=(rule.limit - bucket.level) / rate,
+            reset_s=_wait((rule.limit - bucket.level) / rate),
             lease_id=lease_id,
             cost=cost,
             token_reserve=token_reserve if rule.tokens_limit is not None else 0,
@@ -174,29 +195,52 @@ class MemoryLimiter:
         actual_cost: int | None = None,
         actual_tokens: int | None = None,
     ) -> None:
-        if not decision.allowed or _invalid(rule):
+        if not decision.allowed:
+            return
+        rule = bounded_rule(rule)
+        if _invalid(rule):
             return
         bucket = self._refilled(rule, self._clock())
         if decision.lease_id is not None:
             bucket.leases.pop(decision.lease_id, None)
+        cost = bounded_units(decision.cost)
+        reserve = bounded_units(decision.token_reserve)
         if refund:
-            bucket.level = min(float(rule.limit), bucket.level + decision.cost)
+            bucket.level = min(float(rule.limit), bucket.level + cost)
             if bucket.tokens_level is not None and rule.tokens_limit:
-                bucket.tokens_level = min(
-                    float(rule.tokens_limit), bucket.tokens_level + decision.token_reserve
-                )
+                bucket.tokens_level = min(float(rule.tokens_limit), bucket.tokens_level + reserve)
             return
-        if actual_cost is not None and actual_cost != decision.cost:
+        if actual_cost is not None and actual_cost != cost:
             # Settling may push the level below zero: a large batch that was
-            # under-estimated is paid for by waiting longer, never forgiven.
-            bucket.level = min(float(rule.limit), bucket.level + decision.cost - actual_cost)
+            # under-estimated is paid for by waiting longer, never forgiven
+            # (down to -MAX_UNITS, as in Redis).
+            level = bucket.level + cost - bounded_units(actual_cost)
+            bucket.level = max(-float(MAX_UNITS), min(float(rule.limit), level))
         if actual_tokens is not None and bucket.tokens_level is not None and rule.tokens_limit:
-            bucket.tokens_level = min(
-                float(rule.tokens_limit),
-                bucket.tokens_level + decision.token_reserve - actual_tokens,
-            )
+            level = bucket.tokens_level + reserve - bounded_units(actual_tokens)
+            bucket.tokens_level = max(-float(MAX_UNITS), min(float(rule.tokens_limit), level))
+
+    async def renew(self, rule: LimitRule, decision: Decision, ttl_s: float) -> bool:
+        """Extend the decision's lease to at least ``ttl_s`` from now; see limiter/base.py."""
+        if not decision.allowed or decision.lease_id is None:
+            return False
+        bucket = self._buckets.get((rule.bucket, rule.feature))
+        if bucket is None:
+            return False
+        now = self._clock()
+        expiry = bucket.leases.get(decision.lease_id)
+        if expiry is None or expiry <= now:
+            return False
+        ttl_s = 0.0 if math.isnan(ttl_s) else min(ttl_s, MAX_DURATION_S)
+        bucket.leases[decision.lease_id] = max(expiry, now + max(ttl_s, 0.001))
+        return True
+
+    async def drain_releases(self, timeout_s: float = 5.0) -> int:
+        """Nothing to wait for: releases here complete within their call."""
+        return 0
 
     async def status(self, rule: LimitRule) -> LimitStatus:
+        rule = bounded_rule(rule)
         if _invalid(rule):
             return LimitStatus(
                 limit=max(0, rule.limit), remaining=0, used=0, reset_s=0.0, in_flight=0,
@@ -217,7 +261,7 @@ class MemoryLimiter:
             limit=rule.limit,
             remaining=max(0, int(math.floor(bucket.level))),
             used=max(0, int(math.ceil(rule.limit - bucket.level))),
-            reset_s=(rule.limit - bucket.level) / rate,
+            reset_s=_wait((rule.limit - bucket.level) / rate),
             in_flight=len(bucket.leases),
             tokens_limit=rule.tokens_limit,
             tokens_remaining=(

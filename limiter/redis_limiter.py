@@ -19,8 +19,9 @@ whoever created it (see redisconn/connect.py).
 from __future__ import annotations
 
 import asyncio
-import os
 import hashlib
+import math
+import os
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,7 +31,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from limiter import scripts
-from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, LimitRule, LimitStatus
+from limiter.base import (
+    CONCURRENCY,
+    MAX_DURATION_S,
+    QUOTA,
+    TOKENS,
+    Decision,
+    LimitRule,
+    LimitStatus,
+    bounded_rule,
+    bounded_units,
+)
 from redisconn.connect import lean_client
 from redisconn.resp import RespClient
 
@@ -153,11 +164,31 @@ class RedisLimiter:
         self._acquire = _Script(store, scripts.ACQUIRE, self.stats)
         self._release = _Script(store, scripts.RELEASE, self.stats)
         self._status = _Script(store, scripts.STATUS, self.stats)
+        self._renew = _Script(store, scripts.RENEW, self.stats)
+        # Releases awaiting Redis's answer, so shutdown can wait for them (drain_releases).
+        self._releasing = 0
+        self._released = asyncio.Event()
+        self._released.set()
 
-    async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
+    @staticmethod
+    def new_lease_id(rule: LimitRule) -> str | None:
+        """A fresh lease id for ``rule`` (None when it takes no lease); see ``acquire``."""
+        return os.urandom(16).hex() if rule.concurrency > 0 else None
+
+    async def acquire(
+        self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0, lease_id: str | None = None
+    ) -> Decision:
+        """Admit or refuse. ``lease_id`` lets the caller choose the lease's id before the call,
+        so it can free that lease (``abandon``) if it gives up waiting for the answer."""
+        rule = bounded_rule(rule)
         if rule.limit <= 0 or rule.interval_s <= 0:
             return _denied_invalid(rule)
-        lease_id = os.urandom(16).hex() if rule.concurrency > 0 else ""
+        cost = bounded_units(cost)
+        token_reserve = bounded_units(token_reserve)
+        if rule.concurrency > 0:
+            lease_id = lease_id or os.urandom(16).hex()
+        else:
+            lease_id = ""
         reply = await self._acquire(
             bucket_keys(rule.bucket, rule.feature),
             (
@@ -207,27 +238,89 @@ class RedisLimiter:
 
         ``only_if_leased`` makes a replayed release safe: it accounts only if
         the lease was still held, so a release that did run before the
-        connection failed is not counted twice.
+        connection failed is not counted twice. Every figure is clamped to
+        0..MAX_UNITS first (usage figures come from upstreams).
         """
-        if not decision.allowed or rule.limit <= 0 or rule.interval_s <= 0:
+        if not decision.allowed:
             return
-        await self._release(
+        rule = bounded_rule(rule)
+        if rule.limit <= 0 or rule.interval_s <= 0:
+            return
+        self._releasing += 1
+        self._released.clear()
+        try:
+            await self._release(
+                bucket_keys(rule.bucket, rule.feature),
+                (
+                    rule.limit,
+                    _ms(rule.interval_s),
+                    decision.lease_id or "",
+                    "refund" if refund else "settle",
+                    bounded_units(decision.cost),
+                    "" if actual_cost is None else bounded_units(actual_cost),
+                    -1 if rule.tokens_limit is None else rule.tokens_limit,
+                    bounded_units(decision.token_reserve),
+                    "" if actual_tokens is None else bounded_units(actual_tokens),
+                    "1" if only_if_leased else "0",
+                ),
+            )
+        finally:
+            self._releasing -= 1
+            if not self._releasing:
+                self._released.set()
+
+    async def abandon(
+        self, rule: LimitRule, lease_id: str, *, cost: int, token_reserve: int = 0, only_accounting: bool = False
+    ) -> bool:
+        """Undo an acquire whose answer never came (timed out, connection lost).
+
+        If it did run and admit, its lease ``lease_id`` is still held: free it and
+        give back ``cost`` and ``token_reserve``. If it never ran (or refused), there
+        is no such lease and nothing changes. True when a lease was freed.
+        ``only_accounting`` frees the lease without giving anything back (a release
+        whose own script failed).
+        """
+        rule = bounded_rule(rule)
+        reply = await self._release(
             bucket_keys(rule.bucket, rule.feature),
             (
                 rule.limit,
                 _ms(rule.interval_s),
-                decision.lease_id or "",
-                "refund" if refund else "settle",
-                decision.cost,
-                "" if actual_cost is None else actual_cost,
+                lease_id,
+                "settle" if only_accounting else "refund",
+                0 if only_accounting else bounded_units(cost),
+                "",
                 -1 if rule.tokens_limit is None else rule.tokens_limit,
-                decision.token_reserve,
-                "" if actual_tokens is None else actual_tokens,
-                "1" if only_if_leased else "0",
+                0 if only_accounting else bounded_units(token_reserve),
+                "",
+                "1",
             ),
         )
+        return int(reply[0]) == 1
+
+    async def renew(self, rule: LimitRule, decision: Decision, ttl_s: float) -> bool:
+        """Extend the decision's lease to at least ``ttl_s`` from now (one EVALSHA); see limiter/base.py."""
+        if not decision.allowed or not decision.lease_id:
+            return False
+        ttl_s = 0.0 if math.isnan(ttl_s) else min(ttl_s, MAX_DURATION_S)
+        reply = await self._renew(
+            bucket_keys(rule.bucket, rule.feature), (decision.lease_id, _ms(max(ttl_s, 0.001)))
+        )
+        return int(reply) == 1
+
+    async def drain_releases(self, timeout_s: float = 5.0) -> int:
+        """Wait (at most ``timeout_s``) for releases still waiting on Redis; returns those left."""
+        await asyncio.sleep(0)  # releases spawned just before start running
+        if self._releasing:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._released.wait()
+            except TimeoutError:
+                pass
+        return self._releasing
 
     async def status(self, rule: LimitRule) -> LimitStatus:
+        rule = bounded_rule(rule)
         if rule.limit <= 0 or rule.interval_s <= 0:
             return LimitStatus(
                 limit=max(0, rule.limit), remaining=0, used=0, reset_s=0.0, in_flight=0,
@@ -256,7 +349,7 @@ class RedisLimiter:
 
     async def load_scripts(self) -> None:
         """Load every script once at start, so the first requests pay no NOSCRIPT."""
-        for script in (self._acquire, self._release, self._status):
+        for script in (self._acquire, self._release, self._status, self._renew):
             await script.load()
 
     async def ping(self) -> None:

@@ -14,16 +14,57 @@ missing bucket key reads as a full bucket, so a bucket that refills to full
 is deleted and every stored bucket expires when it would be full again.
 Lua numbers are truncated to integers on the way out, so durations are
 returned in milliseconds (rounded up) and levels rounded down.
+
+Every numeric argument is clamped on the way in (``arg``): counts to
+0..MAX_UNITS, durations to MAX_TTL_MS, a missing or NaN value to the bottom of
+its range; stored levels never go below -MAX_UNITS and every duration set
+(PEXPIRE) or returned is at most MAX_TTL_MS. Whatever a caller sends, a
+script never fails on a number (no PEXPIRE out of range, no integer
+overflow): the Python API clamps first (limiter/base.py), this is the backstop.
 """
 
 from __future__ import annotations
 
+from limiter.base import MAX_UNITS
+
+# The longest key or lease expiry a script sets, and the largest duration it
+# returns (ms): 2^40 ms, about 34 years. See _HELPERS' clamp_ms.
+MAX_TTL_MS = 1 << 40
+
 # Shared helpers, prepended to each script (after its header comment).
-_HELPERS = """
+_HELPERS = (
+    f"""
+local MAX_UNITS = {MAX_UNITS}
+local MAX_TTL_MS = {MAX_TTL_MS}
+"""
+    + """
 -- Redis < 5 replicates scripts verbatim and refuses writes after TIME unless
 -- told to replicate effects; Redis >= 5 always does and ignores this.
 if redis.replicate_commands then
   redis.replicate_commands()
+end
+
+-- A numeric argument within lo..hi; missing or NaN reads as lo.
+local function arg(value, lo, hi)
+  local x = tonumber(value)
+  if x == nil or x ~= x or x < lo then
+    return lo
+  end
+  if x > hi then
+    return hi
+  end
+  return x
+end
+
+-- A duration in ms, rounded up, within 0..MAX_TTL_MS (NaN reads as 0).
+local function clamp_ms(x)
+  if x ~= x or x <= 0 then
+    return 0
+  end
+  if x >= MAX_TTL_MS then
+    return MAX_TTL_MS
+  end
+  return math.ceil(x)
 end
 
 local function now_ms()
@@ -52,13 +93,17 @@ end
 
 -- Persist a level. A full bucket needs no key; any other expires once it
 -- would have refilled to full (plus a second of slack for clock rounding).
+-- A debt (settling above the reservation) is bounded at -MAX_UNITS.
 local function store(key, level, capacity, rate, now)
   if level >= capacity then
     redis.call('DEL', key)
     return
   end
+  if level < -MAX_UNITS then
+    level = -MAX_UNITS
+  end
   redis.call('HSET', key, 'v', string.format('%.17g', level), 't', string.format('%.17g', now))
-  redis.call('PEXPIRE', key, math.ceil((capacity - level) / rate) + 1000)
+  redis.call('PEXPIRE', key, math.max(1, math.min(clamp_ms((capacity - level) / rate) + 1000, MAX_TTL_MS)))
 end
 
 local function floor0(x)
@@ -68,6 +113,7 @@ local function floor0(x)
   return math.floor(x)
 end
 """
+)
 
 ACQUIRE = (
     """-- ACQUIRE: admit one request, all or nothing.
@@ -86,14 +132,17 @@ ACQUIRE = (
 """
     + _HELPERS
     + """
-local limit = tonumber(ARGV[1])
-local interval_ms = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local concurrency = tonumber(ARGV[4])
-local lease_ttl_ms = tonumber(ARGV[5])
+local limit = arg(ARGV[1], 0, MAX_UNITS)
+local interval_ms = arg(ARGV[2], 0, MAX_TTL_MS)
+local cost = arg(ARGV[3], 0, MAX_UNITS)
+local concurrency = arg(ARGV[4], 0, MAX_UNITS)
+local lease_ttl_ms = arg(ARGV[5], 1, MAX_TTL_MS)
 local lease_id = ARGV[6]
-local tokens_limit = tonumber(ARGV[7])
-local token_reserve = tonumber(ARGV[8])
+local tokens_limit = arg(ARGV[7], -1, MAX_UNITS)
+local token_reserve = arg(ARGV[8], 0, MAX_UNITS)
+if limit <= 0 or interval_ms <= 0 then
+  return {0, 'quota', limit, 0, clamp_ms(interval_ms), clamp_ms(interval_ms)}
+end
 local now = now_ms()
 
 if concurrency > 0 then
@@ -101,30 +150,30 @@ if concurrency > 0 then
   if redis.call('ZCARD', KEYS[3]) >= concurrency then
     local soonest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
     -- Requests in flight usually end soon: suggest a retry in one second.
-    return {0, 'concurrency', concurrency, 0, 1000, math.ceil(tonumber(soonest[2]) - now)}
+    return {0, 'concurrency', concurrency, 0, 1000, clamp_ms(tonumber(soonest[2]) - now)}
   end
 end
 
 local rate = limit / interval_ms
 local level = refilled(KEYS[1], limit, rate, now)
 if level < cost then
-  return {0, 'quota', limit, floor0(level), math.ceil((cost - level) / rate),
-          math.ceil((limit - level) / rate)}
+  return {0, 'quota', limit, floor0(level), clamp_ms((cost - level) / rate),
+          clamp_ms((limit - level) / rate)}
 end
 
 local token_level = nil
 local token_rate = 0
 if tokens_limit >= 0 then
   if tokens_limit == 0 then
-    return {0, 'tokens', 0, 0, math.ceil(interval_ms), math.ceil(interval_ms)}
+    return {0, 'tokens', 0, 0, clamp_ms(interval_ms), clamp_ms(interval_ms)}
   end
   token_rate = tokens_limit / interval_ms
   token_level = refilled(KEYS[2], tokens_limit, token_rate, now)
   local needed = math.max(1, token_reserve)
   if token_level < needed then
     return {0, 'tokens', tokens_limit, floor0(token_level),
-            math.ceil((needed - token_level) / token_rate),
-            math.ceil((tokens_limit - token_level) / token_rate)}
+            clamp_ms((needed - token_level) / token_rate),
+            clamp_ms((tokens_limit - token_level) / token_rate)}
   end
 end
 
@@ -139,7 +188,7 @@ if concurrency > 0 then
     redis.call('PEXPIRE', KEYS[3], math.ceil(lease_ttl_ms))
   end
 end
-return {1, '', limit, floor0(level), 0, math.ceil((limit - level) / rate)}
+return {1, '', limit, floor0(level), 0, clamp_ms((limit - level) / rate)}
 """
 )
 
@@ -162,13 +211,13 @@ RELEASE = (
 """
     + _HELPERS
     + """
-local limit = tonumber(ARGV[1])
-local interval_ms = tonumber(ARGV[2])
+local limit = arg(ARGV[1], 0, MAX_UNITS)
+local interval_ms = arg(ARGV[2], 0, MAX_TTL_MS)
 local lease_id = ARGV[3]
 local refund = ARGV[4] == 'refund'
-local cost = tonumber(ARGV[5])
-local tokens_limit = tonumber(ARGV[7])
-local token_reserve = tonumber(ARGV[8])
+local cost = arg(ARGV[5], 0, MAX_UNITS)
+local tokens_limit = arg(ARGV[7], -1, MAX_UNITS)
+local token_reserve = arg(ARGV[8], 0, MAX_UNITS)
 
 local removed = 0
 if lease_id ~= '' then
@@ -176,6 +225,9 @@ if lease_id ~= '' then
 end
 if ARGV[10] == '1' and removed == 0 then
   return {0, 0}
+end
+if limit <= 0 or interval_ms <= 0 then
+  return {removed, 0}
 end
 
 local delta = 0
@@ -185,10 +237,10 @@ if refund then
   token_delta = token_reserve
 else
   if ARGV[6] ~= '' then
-    delta = cost - tonumber(ARGV[6])
+    delta = cost - arg(ARGV[6], 0, MAX_UNITS)
   end
   if ARGV[9] ~= '' then
-    token_delta = token_reserve - tonumber(ARGV[9])
+    token_delta = token_reserve - arg(ARGV[9], 0, MAX_UNITS)
   end
 end
 
@@ -223,9 +275,12 @@ STATUS = (
 """
     + _HELPERS
     + """
-local limit = tonumber(ARGV[1])
-local interval_ms = tonumber(ARGV[2])
-local tokens_limit = tonumber(ARGV[3])
+local limit = arg(ARGV[1], 0, MAX_UNITS)
+local interval_ms = arg(ARGV[2], 0, MAX_TTL_MS)
+local tokens_limit = arg(ARGV[3], -1, MAX_UNITS)
+if limit <= 0 or interval_ms <= 0 then
+  return {0, 0, 0, 0, tokens_limit < 0 and -1 or 0}
+end
 local now = now_ms()
 
 local rate = limit / interval_ms
@@ -237,7 +292,33 @@ if tokens_limit > 0 then
 elseif tokens_limit == 0 then
   tokens_remaining = 0
 end
-return {floor0(level), math.max(0, math.ceil(limit - level)), math.ceil((limit - level) / rate),
+return {floor0(level), math.max(0, math.ceil(limit - level)), clamp_ms((limit - level) / rate),
         in_flight, tokens_remaining}
+"""
+)
+
+RENEW = (
+    """-- RENEW: keep a running request's lease.
+-- KEYS[1] bucket hash, KEYS[2] token-quota hash (both unused), KEYS[3] lease zset (see module doc)
+-- ARGV[1] lease_id         the lease to extend
+-- ARGV[2] ttl_ms           the lease must not expire sooner than this from now
+-- Returns 1 when the lease is held until at least now + ttl_ms (never shortened), 0 when
+-- it is gone (released, or expired: an expired lease is never brought back).
+"""
+    + _HELPERS
+    + """
+local now = now_ms()
+local expiry = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
+if expiry == nil or expiry <= now then
+  return 0
+end
+local ttl_ms = arg(ARGV[2], 1, MAX_TTL_MS)
+if expiry < now + ttl_ms then
+  redis.call('ZADD', KEYS[3], now + ttl_ms, ARGV[1])
+end
+if redis.call('PTTL', KEYS[3]) < ttl_ms then
+  redis.call('PEXPIRE', KEYS[3], math.ceil(ttl_ms))
+end
+return 1
 """
 )

@@ -279,9 +279,24 @@ class _Connection(asyncio.Protocol):
     # -- used by RespClient ----------------------------------------------------
 
     def send(self, data: bytes, calls: list[_Call]) -> None:
-        assert self._transport is not None
+        """Write ``data`` for ``calls``; on a transport that closed meanwhile, hand them to the client
+        as calls whose connection was lost (sent once more, then failed): never write to it
+        (uvloop raises RuntimeError on a closed transport; asyncio would drop the bytes)."""
+        transport = self._transport
+        if self.closed or transport is None:
+            self._client._lost(self, calls, None)
+            return
         self._pending.extend(calls)
-        self._transport.write(data)
+        if transport.is_closing():
+            transport.abort()
+            self.connection_lost(None)
+            return
+        try:
+            transport.write(data)
+        except (RuntimeError, OSError) as exc:
+            transport.abort()
+            self.connection_lost(exc)
+            return
         if self._timer is None and self._pending:
             self._timer = self._loop.call_at(self._pending[0][2], self._check_deadline)
 
@@ -320,6 +335,12 @@ class _Connection(asyncio.Protocol):
             self.fail(TimeoutError("Timeout reading from Redis"))
             return
         self._timer = self._loop.call_at(deadline, self._check_deadline)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A connect task's error is handled inside it; never let one go unretrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class RespClient:
@@ -416,6 +437,7 @@ class RespClient:
             conn.send(data, calls)
         elif self._connecting is None:
             self._connecting = self.loop.create_task(self._connect())
+            self._connecting.add_done_callback(_retrieve)
 
     async def _connect(self) -> None:
         address = self.address
@@ -453,12 +475,18 @@ class RespClient:
         if self._closed:
             conn.fail(ConnectionError("Redis client closed"))
             return
-        self.connects += 1
-        self._conn = conn
         # Commands queued while connecting go out with the handshake, in one write.
         calls, self._queued = self._queued, []
         data = b"".join([self._handshake, *self._queued_data])
         self._queued_data = []
+        if conn.closed or transport.is_closing():
+            # The server closed the connection before its first use (accepted, then reset):
+            # the queued calls never left; treat them as lost with it (sent once more).
+            conn.fail(ConnectionError("Connection closed by Redis while connecting"))
+            self._lost(conn, calls, None)
+            return
+        self.connects += 1
+        self._conn = conn
         self.writes += 1
         conn.send(data, calls)
 

@@ -83,6 +83,11 @@ def origin_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "https://sourcegraph.com"
 
 
+# The config names sources as ``actors.sources`` does; subscription actors carry
+# the reference's source name (the one events and BigQuery queries use).
+_ACTOR_SOURCE = {"product-subscriptions": "dotcom-product-subscriptions"}
+
+
 class _LocalState:
     """The in-process twin of the two Redis keys."""
 
@@ -125,7 +130,9 @@ class QuotaNotifier:
         on_outcome: Callable[[str], None] | None = None,
         max_pending: int = 100,
     ) -> None:
-        self.thresholds = {source: tuple(sorted(values)) for source, values in thresholds.items() if values}
+        self.thresholds = {
+            _ACTOR_SOURCE.get(source, source): tuple(sorted(values)) for source, values in thresholds.items() if values
+        }
         self.webhook_url = webhook_url
         self.dotcom_origin = origin_of(dotcom_api_url)
         self.redis = redis

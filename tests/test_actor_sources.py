@@ -335,7 +335,8 @@ def test_dotcom_user_proactive_refresh_and_usage_reset() -> None:
             actor = await source.get(USER_TOKEN)
             assert env.fake.calls["CheckDotcomUserAccessToken"] == 3
             assert actor.limit_for("code_completions").limit == 200  # type: ignore[union-attr]
-            assert env.resets == [("123456", "code_completions")]
+            # A new limit with the same interval keeps the usage (the reference resets on an interval change).
+            assert env.resets == []
 
             # The other token is still fresh, but its limits come from the user's id entry.
             env.resets.clear()
@@ -443,7 +444,7 @@ def test_subscription_actor_shape_and_token_forms(redis_url: str | None) -> None
             actor = await source.get(legacy)
             assert env.fake.calls["CheckAccessToken"] == 1
             assert env.fake.seen[-1].body["variables"] == {"token": SUB_TOKEN}
-            assert (actor.id, actor.name, actor.source, actor.key) == ("3b8c-acme", "acme", "product-subscriptions", hashlib.sha256(SUB_TOKEN.encode()).hexdigest())
+            assert (actor.id, actor.name, actor.source, actor.key) == ("3b8c-acme", "acme", "dotcom-product-subscriptions", hashlib.sha256(SUB_TOKEN.encode()).hexdigest())
             assert actor.access_enabled and dict(actor.endpoint_access) == {"/v1/attribution": True}
             chat = actor.limit_for("chat_completions")
             assert chat is not None and chat.allowed_models == ("*",) and chat.limit == 10 and chat.interval_s == 10
@@ -522,7 +523,7 @@ def test_subscription_sync_caches_every_token_and_prunes(redis_server: RedisServ
             # A subscription goes away: its token is pruned.
             env.fake.remove_subscription("globex")
             assert await chain.sync_all() == {"product-subscriptions": 2}
-            assert env.resets == [("3b8c-acme", "code_completions")]
+            assert env.resets == []  # the limit changed, the interval did not
             assert await env.redis.exists(prefix + token_key(OTHER_SUB_TOKEN)) == 0
             with pytest.raises(TokenDeniedError):
                 await chain.get(OTHER_SUB_TOKEN)
@@ -744,7 +745,7 @@ def test_chain_order_and_format_errors() -> None:
             chain = SourceChain([anonymous, env.users(), env.subs()], local_cache_ttl_s=10)
             assert (await chain.get("")).id == "anonymous"
             assert (await chain.get(USER_TOKEN)).source == "dotcom-user"
-            assert (await chain.get("sgs_" + SUB_TOKEN[4:])).source == "product-subscriptions"
+            assert (await chain.get("sgs_" + SUB_TOKEN[4:])).source == "dotcom-product-subscriptions"
             with pytest.raises(Unauthorized, match="invalid token format"):
                 await chain.get("sgd_1234")
             with pytest.raises(Unauthorized, match="no source found for token"):
@@ -824,7 +825,7 @@ def test_cache_sync_and_lock_on_redis_cluster(redis_cluster: Any) -> None:
                 add_acme(env.fake, code=(5, 86400, []))
                 env.fake.subscriptions = env.fake.subscriptions[-1:]
                 assert await subs.sync() == 2
-                assert env.resets[-1] == ("3b8c-acme", "code_completions")
+                assert ("3b8c-acme", "code_completions") not in env.resets  # same interval: no reset
                 assert subs.last_sync_pruned == 1
                 assert (await subs.get(SUB_TOKEN)).limit_for("code_completions").limit == 5  # type: ignore[union-attr]
                 assert env.fake.calls["CheckAccessToken"] == 0
