@@ -38,6 +38,7 @@ class UpstreamConfig:
     max_timeout_ms: int
     max_error_body_bytes: int
     lease_grace_s: float
+    lease_ttl_s: float
     retry_max_attempts: int
     retry_base_delay_ms: int
     retry_max_delay_ms: int

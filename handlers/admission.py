@@ -14,6 +14,8 @@ import math
 import time
 from typing import Any
 
+from tornado.ioloop import IOLoop
+
 from actors.base import ActorRecentlyUpdated
 from actors.model import Actor, RateLimit
 from errors import RateLimited, ServiceUnavailable
@@ -54,22 +56,29 @@ def rejection(decision: Decision, feature: str) -> RateLimited:
 
 
 class LimitedRequest:
-    """Shared by completions and embeddings: admission and the matching release."""
+    """Shared by completions and embeddings: admission, lease renewal and the matching release.
+
+    A concurrency lease lives ``upstream.lease_ttl_s`` at most (a process that
+    dies frees its slots within that time), and is renewed every third of it
+    for as long as the request runs, so that a lease never expires under a
+    live request however long its deadline.
+    """
 
     def __init__(self, services: Services) -> None:
         self.services = services
         self.rule: LimitRule | None = None
         self.decision: Decision | None = None
+        self._renewal: Any = None
 
-    @staticmethod
-    def make_rule(actor_id: str, feature: str, rate_limit: RateLimit, lease_ttl_s: float) -> LimitRule:
+    def make_rule(self, actor_id: str, feature: str, rate_limit: RateLimit, *, timeout_s: float) -> LimitRule:
+        upstream = self.services.config.upstream
         return LimitRule(
             bucket=actor_id,
             feature=feature,
             limit=rate_limit.limit,
             interval_s=rate_limit.interval_s,
             concurrency=rate_limit.concurrent_requests or 0,
-            lease_ttl_s=lease_ttl_s,
+            lease_ttl_s=min(timeout_s + upstream.lease_grace_s, upstream.lease_ttl_s),
             tokens_limit=rate_limit.tokens_limit,
         )
 
@@ -80,13 +89,25 @@ class LimitedRequest:
             raise ServiceUnavailable("rate limiter unavailable, please retry", headers={"Retry-After": "1"}) from exc
         if decision.allowed:
             self.rule, self.decision = rule, decision
+            if rule.concurrency > 0:
+                self._renewal = IOLoop.current().call_later(rule.lease_ttl_s / 3, self._renew)
         return decision
+
+    def _renew(self) -> None:
+        rule, decision = self.rule, self.decision
+        if rule is None or decision is None:
+            return
+        spawn(self.services.limiter.renew(rule, decision, rule.lease_ttl_s), "lease renewal")
+        self._renewal = IOLoop.current().call_later(rule.lease_ttl_s / 3, self._renew)
 
     def release(self, *, refund: bool, actual_cost: int | None = None, actual_tokens: int | None = None) -> None:
         rule, decision = self.rule, self.decision
         if rule is None or decision is None:
             return
         self.rule = self.decision = None
+        if self._renewal is not None:
+            IOLoop.current().remove_timeout(self._renewal)
+            self._renewal = None
         spawn(
             self.services.limiter.release(
                 rule, decision, refund=refund, actual_cost=actual_cost, actual_tokens=actual_tokens

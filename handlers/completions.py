@@ -124,9 +124,7 @@ class CompletionsHandler(UpstreamHandler):
         self.set_header("X-Cody-Resolved-Model", model)
 
         # -- 2. limit ---------------------------------------------------------------
-        rule = LimitedRequest.make_rule(
-            actor.id, feature, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.lease_grace_s
-        )
+        rule = self.limited.make_rule(actor.id, feature, rate_limit, timeout_s=timeout_s)
         decision = await self.services.observer.limiter(
             record, rule, self.limited.acquire(rule, cost=1, token_reserve=max(0, info.max_tokens or 0))
         )

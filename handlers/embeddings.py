@@ -220,9 +220,7 @@ class EmbeddingsHandler(UpstreamHandler):
                 f"request has {estimate} input tokens, more than the embeddings limit of {rate_limit.limit} "
                 "tokens: split it into smaller batches"
             )
-        rule = LimitedRequest.make_rule(
-            actor.id, EMBEDDINGS, rate_limit, lease_ttl_s=timeout_s + self.services.config.upstream.lease_grace_s
-        )
+        rule = self.limited.make_rule(actor.id, EMBEDDINGS, rate_limit, timeout_s=timeout_s)
         # The embeddings bucket counts tokens; the token quota of completions does not apply.
         rule = dataclasses.replace(rule, tokens_limit=None)
         # At least 1: a request is admitted only while the quota is not overdrawn.

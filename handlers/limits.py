@@ -25,13 +25,14 @@ class LimitsHandler(BaseHandler):
     async def get(self) -> None:
         actor = self.actor
         assert actor is not None
-        lease_ttl = self.services.config.upstream.max_timeout_ms / 1000
+        timeout_s = self.services.config.upstream.max_timeout_ms / 1000
+        limited = LimitedRequest(self.services)
         out: dict[str, Any] = {}
         for feature in FEATURES:
             rate_limit = actor.limit_for(feature)
             if rate_limit is None:
                 continue
-            rule = LimitedRequest.make_rule(actor.id, feature, rate_limit, lease_ttl)
+            rule = limited.make_rule(actor.id, feature, rate_limit, timeout_s=timeout_s)
             status = await self.services.limiter.status(rule)
             entry: dict[str, Any] = {
                 "limit": rate_limit.limit,
