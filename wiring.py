@@ -22,6 +22,7 @@ from actors.remote_setup import REMOTE_SOURCES, RemoteActors
 from actors.static import StaticActorsError, StaticSource
 from conf.loader import resolve_path
 from conf.model import Config
+from handlers.client_address import TrustedProxies, parse_networks
 from handlers.services import Services
 from limiter.base import Limiter
 from limiter.memory import MemoryLimiter
@@ -129,6 +130,13 @@ def build_actor_chain(
     return SourceChain(sources, local_cache_ttl_s=actors.local_cache_ttl), static
 
 
+def trusted_proxies(config: Config) -> TrustedProxies:
+    try:
+        return TrustedProxies(parse_networks(config.server.trusted_proxies))
+    except ValueError as exc:
+        raise StartupError(f"server.trusted_proxies: {exc}") from exc
+
+
 def attach_health_and_breaker(services: Services) -> None:
     """Health probes (event sink, Redis or the in-process limiter, circuits) and the circuit breaker."""
     from upstreams.circuit import CircuitBreaker
@@ -222,6 +230,7 @@ async def build_gateway(
     metrics = build_metrics(config, version)
     # What can refuse the start (Redis under fail_closed, the actors file) comes
     # first, before anything that runs in the background is started.
+    proxies = trusted_proxies(config)
     limiter = await build_limiter(config, observe_redis=metrics.redis_call)
     cache_redis, lock_redis = connect_actor_redis(config)
     remote = build_remote_actors(
@@ -245,6 +254,7 @@ async def build_gateway(
         transport=Transport(http_client, config.upstream),
         tracing=tracing,
         retry_policy=upstream_policy(config.upstream),
+        trusted_proxies=proxies,
         version=version,
     )
     attach_health_and_breaker(services)

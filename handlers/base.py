@@ -30,6 +30,9 @@ from usage.logger import with_request_context
 log = logging.getLogger("gateway.http")
 
 JSON_CONTENT_TYPE = "application/json"
+# Client-sent identifiers (user ids, interaction ids) are cut to this many characters.
+MAX_CLIENT_ID = 256
+MAX_CLIENT_TEXT = 200
 
 
 def rfc3339(ts: float) -> str:
@@ -45,12 +48,20 @@ class BaseHandler(tornado.web.RequestHandler):
     def initialize(self, services: Services, **_: Any) -> None:
         self.services = services
         request = self.request
-        self.record = RequestRecord(
-            self.route_class, self.operation, request.method or "", request.path, request.remote_ip or "",
-            request.headers.get("User-Agent") or "", time.monotonic(),
+        headers = request.headers
+        record = self.record = RequestRecord(
+            self.route_class, self.operation, request.method or "", request.path,
+            services.trusted_proxies.client_ip(request.remote_ip or "", headers),
+            (headers.get("User-Agent") or "")[:MAX_CLIENT_TEXT], time.monotonic(),
         )  # fmt: skip
+        # Client-chosen identifiers go into events and the upstream's metadata: bounded.
+        record.actor_uid = (headers.get("X-Sourcegraph-Actor-UID") or "")[:MAX_CLIENT_ID]
+        record.anonymous_uid = (headers.get("X-Sourcegraph-Actor-Anonymous-UID") or "")[:MAX_CLIENT_ID]
+        record.interaction_id = (headers.get("X-Sourcegraph-Interaction-ID") or "")[:MAX_CLIENT_ID]
         # The caller's token, kept in memory for this request only (refreshes need it).
         self.token = ""
+        # ``provider/model`` once the request's model passed the allowlist.
+        self.resolved_model: str | None = None
         self._finalized = False
         self._counted = True
         services.in_flight += 1
@@ -158,20 +169,25 @@ class BaseHandler(tornado.web.RequestHandler):
     # -- events ------------------------------------------------------------------
 
     def record_event(self, event: ev.Event) -> None:
-        headers = self.request.headers
+        record = self.record
         event = with_request_context(
             event,
-            actor_uid=headers.get("X-Sourcegraph-Actor-UID"),
-            anonymous_uid=headers.get("X-Sourcegraph-Actor-Anonymous-UID"),
-            trace_id=self.record.trace_id,
+            actor_uid=record.actor_uid,
+            anonymous_uid=record.anonymous_uid,
+            trace_id=record.trace_id,
+            interaction_id=record.interaction_id,
         )
-        self.services.observer.record_event(self.record, event, self.services.events)
+        self.services.observer.record_event(record, event, self.services.events)
 
     def record_rate_limited(self, decision: Decision, feature: str) -> None:
-        """The reference's RateLimited event, plus the metrics hook."""
+        """The reference's RateLimited event (sampled: usage/refusal_sampling.py), and the observer."""
         actor = self.actor
         assert actor is not None
-        metadata: dict[str, Any] = {"feature": feature, "cause": decision.cause}
+        self.services.observer.rate_limited(self.record, decision)
+        refusals = self.services.refusals.admit(actor.id, feature, decision.cause or "")
+        if refusals is None:
+            return
+        metadata: dict[str, Any] = {"feature": feature, "cause": decision.cause, "refusals": refusals}
         if decision.cause == CONCURRENCY:
             metadata["error"] = f'"{feature}": concurrency limit exceeded'
         else:
@@ -179,7 +195,6 @@ class BaseHandler(tornado.web.RequestHandler):
             metadata["limit"] = decision.limit
             metadata["retry_after"] = rfc3339(time.time() + decision.retry_after_s)
         self.record_event(ev.Event(ev.RATE_LIMITED, actor.source, actor.id, metadata))
-        self.services.observer.rate_limited(self.record, decision)
 
     # -- errors ------------------------------------------------------------------
 
@@ -203,6 +218,7 @@ class BaseHandler(tornado.web.RequestHandler):
             message = "internal server error"
         if status_code == 405:
             message = "method not allowed"
+            self.set_header("Allow", ", ".join(allowed_methods(type(self))))
         self.record.error = message
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
         self.finish(orjson.dumps(error_payload(error_style(self.request.path), status_code, message)))
@@ -218,6 +234,9 @@ class BaseHandler(tornado.web.RequestHandler):
                 self.finish()
             return
         self.clear()
+        if self.resolved_model is not None:
+            # Once the model is resolved, every answer names it (the reference's header).
+            self.set_header("X-Cody-Resolved-Model", self.resolved_model)
         if self.body_unread():
             # Tornado closes a connection whose request body was never read;
             # saying so lets keep-alive clients open a new one instead of
@@ -243,6 +262,12 @@ class BaseHandler(tornado.web.RequestHandler):
         if isinstance(value, tornado.web.HTTPError) and value.status_code < 500:
             return
         super().log_exception(typ, value, tb)
+
+
+def allowed_methods(handler: type[tornado.web.RequestHandler]) -> list[str]:
+    """The methods a handler class implements (for 405's Allow header)."""
+    base = tornado.web.RequestHandler
+    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if getattr(handler, m.lower()) is not getattr(base, m.lower())]
 
 
 _KNOWN_STATUSES = frozenset({400, 401, 403, 404, 405, 408, 413, 429, 500, 502, 503, 504})

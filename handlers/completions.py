@@ -62,6 +62,9 @@ class CompletionsHandler(UpstreamHandler):
         self.limited = LimitedRequest(services)
         self.call: ProviderCall | None = None
         self.relaying = False
+        # Whether the request was handed to an upstream, and what the last attempt gave.
+        self.upstream_asked = False
+        self.last_attempt: tp.Attempt | None = None
         self.extra_metadata: dict[str, Any] = {}
         self._error_body = bytearray()
         self._body_buffer = bytearray()
@@ -99,7 +102,7 @@ class CompletionsHandler(UpstreamHandler):
         call = self.provider.parse(
             self.body(),
             feature=feature,
-            identifier=f"{actor.id}:{headers.get('X-Sourcegraph-Actor-UID', '')}",
+            identifier=f"{actor.id}:{record.actor_uid}",
             headers=headers,
         )
         provider = self.provider
@@ -112,8 +115,7 @@ class CompletionsHandler(UpstreamHandler):
         screening = self.services.screening
         if screening is not None:
             verdict = await screening.screen(
-                Subject(actor, feature, provider.name, record.trace_id,
-                        headers.get("X-Sourcegraph-Actor-UID", ""), headers.get("X-Sourcegraph-Actor-Anonymous-UID", "")),
+                Subject(actor, feature, provider.name, record.trace_id, record.actor_uid, record.anonymous_uid),
                 call,
             )  # fmt: skip
             if verdict.blocked is not None:
@@ -121,6 +123,7 @@ class CompletionsHandler(UpstreamHandler):
             if verdict.error is not None:
                 raise verdict.error
             self.extra_metadata.update(verdict.metadata)
+        self.resolved_model = model
         self.set_header("X-Cody-Resolved-Model", model)
 
         # -- 2. limit ---------------------------------------------------------------
@@ -162,6 +165,7 @@ class CompletionsHandler(UpstreamHandler):
             self._error_body = bytearray()
             self._body_buffer = bytearray()
             self.relaying = False
+            self.upstream_asked = self.upstream_asked or not self.client_gone
             attempt = await self.services.transport.send(
                 request,
                 timeout_s=remaining,
@@ -186,6 +190,7 @@ class CompletionsHandler(UpstreamHandler):
                 break
         record.upstream_ended = time.monotonic()
         record.upstream_status = attempt.status
+        self.last_attempt = attempt
         await self._conclude(call, attempt)
 
     def _on_upstream_headers(self, status: int, headers: HTTPHeaders) -> None:
@@ -349,14 +354,12 @@ class CompletionsHandler(UpstreamHandler):
         record.cache_creation_tokens = usage.cache_creation_tokens
         record.reasoning_tokens = usage.reasoning_tokens
         success = resolved is not None and 200 <= resolved < 300
-        consumed = success or (outcome is Outcome.CLIENT_DISCONNECTED and first_byte_sent)
-        self.limited.release(refund=not consumed, actual_tokens=usage.total_tokens())
+        self.limited.release(refund=not (success or self._reached_upstream()), actual_tokens=usage.total_tokens())
         upstream_s = record.upstream_seconds(time.monotonic())
         ttfb = record.ttfb_s
         metadata: dict[str, Any] = dict(call.info.metadata)
         metadata.update(self.extra_metadata)
         metadata.update(usage.event_fields())
-        headers = self.request.headers
         metadata.update(
             {
                 "feature": record.feature,
@@ -367,11 +370,22 @@ class CompletionsHandler(UpstreamHandler):
                 "resolved_status_code": resolved,
                 "time_to_first_byte_ms": None if ttfb is None else int(ttfb * 1000),
                 "outcome": outcome.value,
-                "sg_actor_id": headers.get("X-Sourcegraph-Actor-UID", ""),
-                "sg_actor_anonymous_uid": headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
+                "sg_actor_id": record.actor_uid,
+                "sg_actor_anonymous_uid": record.anonymous_uid,
             }
         )
         self.record_event(ev.Event(ev.COMPLETIONS_FINISHED, actor.source, actor.id, metadata))
+
+
+    def _reached_upstream(self) -> bool:
+        """Charged once asked: the upstream works (and bills) whatever the client does next.
+        Refunded: what never left the gateway, and what the upstream refused or never answered."""
+        attempt = self.last_attempt
+        if not self.upstream_asked or attempt is None:
+            return False
+        if attempt.outcome == tp.OK:
+            return 200 <= (attempt.status or 0) < 300
+        return attempt.outcome not in (tp.CONNECT_ERROR, tp.REJECTED)
 
 
 def connection_named(headers: HTTPHeaders) -> frozenset[str]:

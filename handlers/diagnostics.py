@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from actors.tokens import constant_time_equal, parse_bearer
-from errors import NotFound, Unauthorized
+from errors import NotFound, RateLimited, Unauthorized
 from handlers.base import BaseHandler
 
 
@@ -57,9 +58,15 @@ class DiagnosticsHandler(BaseHandler):
 
     def prepare(self) -> None:
         self.start_span()
+        throttle = self.services.guess_throttle
+        address = self.record.remote_ip
+        wait_s = throttle.retry_after_s(address)
+        if wait_s > 0:
+            raise RateLimited("too many failed attempts, retry later", headers={"Retry-After": str(math.ceil(wait_s))})
         token = parse_bearer(self.request.headers.get("Authorization"))
         secret = self.services.config.diagnostics_secret
         if not secret or not constant_time_equal(token, secret):
+            throttle.failed(address)
             raise Unauthorized("unauthorized")
 
 

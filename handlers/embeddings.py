@@ -258,9 +258,11 @@ class EmbeddingsHandler(UpstreamHandler):
     def finalize(self) -> None:
         """Exactly once per request: settle or refund the reservation, record the event."""
         resolved = self.get_status()
-        # The provider did the work (and billed it) once a result exists, even
-        # if the client left before reading it.
-        consumed = self.result is not None
+        # The provider does the work (and bills it) once asked, even if the client
+        # leaves before reading the result: charged from then on (SPEC point 14).
+        exchange = self.exchange
+        asked = exchange is not None and exchange.started_at is not None and self.record.outcome is Outcome.CLIENT_DISCONNECTED
+        consumed = self.result is not None or asked
         if consumed:
             self.limited.release(refund=False, actual_cost=self.tokens_charged)
         else:
@@ -270,7 +272,6 @@ class EmbeddingsHandler(UpstreamHandler):
         request, actor = self.request_, record.actor
         if request is None or actor is None:
             return
-        exchange = self.exchange
         if exchange is not None and exchange.started_at is not None:
             record.upstream_started, record.upstream_ended = exchange.started_at, exchange.ended_at
             record.upstream_status = exchange.upstream_status
@@ -283,14 +284,14 @@ class EmbeddingsHandler(UpstreamHandler):
             "upstream_request_duration_ms": exchange.duration_ms() if exchange else None,
             "upstream_status_code": exchange.upstream_status if exchange else None,
             "upstream_attempts": exchange.attempts if exchange else 0,
-            "resolved_status_code": None if outcome is Outcome.CLIENT_DISCONNECTED and not consumed else resolved,
+            "resolved_status_code": None if outcome is Outcome.CLIENT_DISCONNECTED and self.result is None else resolved,
             "tokens_used": self.tokens_charged,
             "batch_size": len(request.inputs),
             "input_character_count": request.character_count(),
             "is_query": request.is_query,
             "outcome": outcome.value,
-            "sg_actor_id": self.request.headers.get("X-Sourcegraph-Actor-UID", ""),
-            "sg_actor_anonymous_uid": self.request.headers.get("X-Sourcegraph-Actor-Anonymous-UID", ""),
+            "sg_actor_id": record.actor_uid,
+            "sg_actor_anonymous_uid": record.anonymous_uid,
         }
         self.record_event(ev.Event(ev.EMBEDDINGS_FINISHED, actor.source, actor.id, metadata))
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actors.chain import SourceChain
+from handlers.client_address import TrustedProxies
+from handlers.guess_throttle import GuessThrottle
 from conf.model import Config
 from limiter.base import Limiter
 from telemetry.record import NULL_OBSERVER, RequestObserver
@@ -14,6 +16,7 @@ from telemetry.tracing import Tracing
 from upstreams.retry import RetryPolicy
 from upstreams.transport import Transport
 from usage.events import EventRecorder
+from usage.refusal_sampling import RefusalSampler
 
 if TYPE_CHECKING:
     from abuse.screening import Screening
@@ -35,6 +38,12 @@ class Services:
     tracing: Tracing
     # Completions and OpenAI embeddings (upstreams/retry.py).
     retry_policy: RetryPolicy
+    # At most one RateLimited event per actor, feature and cause per window.
+    refusals: RefusalSampler = field(default_factory=RefusalSampler)
+    # Failed guesses of the diagnostics secret, per client address.
+    guess_throttle: GuessThrottle = field(default_factory=GuessThrottle)
+    # Whose X-Forwarded-For / Cf-Connecting-Ip is believed (server.trusted_proxies).
+    trusted_proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
     version: str = VERSION
     observer: RequestObserver = NULL_OBSERVER
     # /-/healthz's report: one probe per part (event sink, Redis, circuits).

@@ -44,6 +44,7 @@ class RequestRecord:
 
     __slots__ = (
         "route", "operation", "method", "path", "remote_ip", "user_agent", "started_at",
+        "actor_uid", "anonymous_uid", "interaction_id",
         "span", "trace_id", "span_id",
         "actor", "feature", "provider", "model", "upstream_model", "stream", "max_tokens",
         "decision", "attempts", "upstream_started", "upstream_ended", "upstream_status",
@@ -60,6 +61,12 @@ class RequestRecord:
         self.remote_ip = remote_ip
         self.user_agent = user_agent
         self.started_at = started_at
+        # The end user behind the calling instance and the client's interaction, as the
+        # client sent them (bounded by the handler): X-Sourcegraph-Actor-UID, -Anonymous-UID,
+        # X-Sourcegraph-Interaction-ID.
+        self.actor_uid = ""
+        self.anonymous_uid = ""
+        self.interaction_id = ""
         self.span: Span | None = None
         self.trace_id = ""
         self.span_id = ""

@@ -264,8 +264,10 @@ class RequestTelemetry:
             "trace_id": record.trace_id,
             "span_id": record.span_id,
             "remote_ip": record.remote_ip,
-            "user_agent": record.user_agent[:_MAX_TEXT],
+            "user_agent": record.user_agent,
         }
+        if record.interaction_id:
+            fields_["interaction_id"] = record.interaction_id
         if facts.provider:
             fields_["provider"] = facts.provider
         upstream_s = facts.upstream_s

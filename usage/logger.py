@@ -57,6 +57,8 @@ UNKNOWN_IDENTIFIER = "unknown"
 # Metadata keys the reference's BigQuery logger injects into every event.
 ACTOR_KEY = "sg.actor"
 TRACE_ID_KEY = "trace_id"
+# X-Sourcegraph-Interaction-ID, when the client sent one.
+INTERACTION_ID_KEY = "interaction_id"
 
 
 def with_request_context(
@@ -65,6 +67,7 @@ def with_request_context(
     actor_uid: str | int | None = None,
     anonymous_uid: str | None = None,
     trace_id: str | None = None,
+    interaction_id: str = "",
 ) -> Event:
     """The event with the reference's injected keys (section 6.1).
 
@@ -88,6 +91,8 @@ def with_request_context(
         actor["AnonymousUID"] = anonymous_uid
     metadata[ACTOR_KEY] = actor
     metadata[TRACE_ID_KEY] = trace_id or ""
+    if interaction_id:
+        metadata[INTERACTION_ID_KEY] = interaction_id
     return dataclasses.replace(event, metadata=metadata)
 
 
