@@ -48,8 +48,9 @@ async def serve(
     config: Config, *, demo_token: str | None = None, sockets: list[socket.socket] | None = None, worker: int | None = None
 ) -> None:
     """Build everything once, serve until SIGTERM/SIGINT, then drain and stop."""
-    from tornado.httpserver import HTTPServer
     from tornado.ioloop import PeriodicCallback
+
+    from handlers.http_server import BoundedHTTPServer
 
     from wiring import StartupError, build_gateway
 
@@ -59,8 +60,9 @@ async def serve(
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
     gateway = await build_gateway(config, version=_version())
     services = gateway.services
-    server = HTTPServer(
+    server = BoundedHTTPServer(
         gateway.app,
+        max_connections=config.server.max_connections,
         # Well above the cap, so that BodyHandler (a JSON 413), not Tornado (a bare
         # 400), sees an upload that goes over it.
         max_body_size=2 * config.server.max_body_bytes + 65536,

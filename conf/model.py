@@ -18,6 +18,7 @@ class ServerConfig:
     auto_flush_streaming: bool
     max_messages: int
     max_client_buffer_bytes: int
+    max_connections: int = 0
     trusted_proxies: tuple[str, ...] = ()
 
 
