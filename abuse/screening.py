@@ -17,8 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abuse import flagging
-from abuse.prompt_store import MemoryPromptStore, PromptStore, RedisPromptStore, prompt_key
+from abuse.prompt_store import (
+    MemoryPromptStore,
+    PromptStore,
+    RedisPromptStore,
+    prompt_key,
+)
 from actors.model import CODE_COMPLETIONS, Actor
+from background import BackgroundTasks
 from conf.model import Config
 from errors import BadRequest
 from upstreams.base import ProviderCall
@@ -64,7 +70,7 @@ class Screening:
         self._config = config.flagging
         self._log_prompts_for = frozenset(config.actors.identifiers_to_log_for)
         self.store = store
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(log)
         try:
             flagging.validate(config.flagging)
             self._enabled = True
@@ -138,14 +144,7 @@ class Screening:
         if not (trace_id and feature and actor_id):
             log.warning("flagged prompt not recorded: trace id, feature and actor id are all needed")
             return
-        task = asyncio.ensure_future(self.store.record(prompt_key(trace_id, feature, actor_id), prompt, ttl))
-        self._tasks.add(task)
-        task.add_done_callback(self._recorded)
-
-    def _recorded(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("failed to record a flagged prompt: %s", task.exception())
+        self._tasks.spawn(self.store.record(prompt_key(trace_id, feature, actor_id), prompt, ttl), "recording a flagged prompt")
 
 
 def make_screening(config: Config, redis_client: Any | None) -> Screening:

@@ -12,21 +12,17 @@ import base64
 import binascii
 import json
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from actors.base import (
-    InvalidTokenFormat,
-    NotFromSource,
     SourceUnavailable,
     TokenDenied,
 )
-from actors.graphql import GraphQLClient, GraphQLError, GraphQLResponseError
+from actors.graphql import GraphQLError, GraphQLResponseError
 from actors.model import FEATURES, Actor, RateLimit
 from actors.redis_cache import (
     DOTCOM_USERS_NAMESPACE,
-    ActorCache,
     token_key,
 )
 from actors.graphql_source import (
@@ -34,14 +30,12 @@ from actors.graphql_source import (
     GRAPHQL_LIMIT_FIELDS,
     NEGATIVE_TTL_S,
     CachedGraphQLSource,
-    ResetUsage,
     changed_features,
     encode_actor,
     graphql_rate_limit,
     reset_features,
 )
-from actors.tokens import DOTCOM_USER_PREFIX, TOKEN_LENGTH, token_sha256
-from conf.model import ActorsConfig
+from actors.tokens import DOTCOM_USER_PREFIX, token_sha256
 
 log = logging.getLogger("gateway.actors.dotcom_user")
 
@@ -124,30 +118,9 @@ def build_user_actor(
 class DotcomUserSource(CachedGraphQLSource):
     name = SOURCE_NAME
     refresh_after_s = REFRESH_AFTER_S
-
-    def __init__(
-        self,
-        graphql: GraphQLClient,
-        redis: object | None,
-        config: ActorsConfig,
-        reset_usage: ResetUsage | None = None,
-        clock: Callable[[], float] = time.time,
-        *,
-        cache: ActorCache | None = None,
-    ) -> None:
-        super().__init__(graphql, redis, config, reset_usage, clock, cache=cache, namespace=DOTCOM_USERS_NAMESPACE)
-
-    async def get(self, token: str) -> Actor:
-        if not token.startswith(DOTCOM_USER_PREFIX):
-            raise NotFromSource("unknown token prefix")
-        if len(token) != TOKEN_LENGTH:
-            raise InvalidTokenFormat()
-        return await self._lookup(token)
-
-    async def update(self, actor: Actor, token: str) -> Actor:
-        if not token.startswith(DOTCOM_USER_PREFIX) or len(token) != TOKEN_LENGTH:
-            return actor
-        return await self._refresh(actor, token, self._config.dotcom_actor_cooldown)
+    namespace = DOTCOM_USERS_NAMESPACE
+    token_prefix = DOTCOM_USER_PREFIX
+    cooldown_setting = "dotcom_actor_cooldown"
 
     async def _answer_from_cache(self, cached: Actor) -> Actor:
         if cached.is_empty() and not cached.name:

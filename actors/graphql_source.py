@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from actors.base import ActorRecentlyUpdated, SourceUnavailable
+from actors.base import ActorRecentlyUpdated, InvalidTokenFormat, NotFromSource, SourceUnavailable
 from actors.limits import percentage_concurrency
 from actors.model import FEATURES, Actor, RateLimit
 from actors.redis_cache import ActorCache, make_actor_cache, token_key
+from actors.tokens import TOKEN_LENGTH
 from conf.model import ActorsConfig
 
 log = logging.getLogger("gateway.actors.graphql_source")
@@ -191,18 +193,23 @@ class CachedGraphQLSource:
 
     name: str
     refresh_after_s: float
+    # The actor cache's key namespace, the tokens this source answers for, and
+    # the cooldown between refreshes of one actor (a config attribute name).
+    namespace: str
+    token_prefix: str
+    cooldown_setting: str
 
     def __init__(
         self,
         graphql: Any,
         redis: object | None,
         config: ActorsConfig,
-        reset_usage: ResetUsage | None,
-        clock: Callable[[], float],
+        reset_usage: ResetUsage | None = None,
+        clock: Callable[[], float] = time.time,
         *,
-        cache: ActorCache | None,
-        namespace: str,
+        cache: ActorCache | None = None,
     ) -> None:
+        namespace = self.namespace
         self._graphql = graphql
         self._config = config
         self._reset_usage = reset_usage
@@ -210,6 +217,25 @@ class CachedGraphQLSource:
         self._cache = cache or make_actor_cache(redis, namespace, ttl_s=config.sources_cache_ttl, clock=clock)
         self._flight: SingleFlight[Actor] = SingleFlight()
         self._stale_log = OnceLog(log)
+
+    def normalise_token(self, token: str) -> str:
+        return token
+
+    async def get(self, token: str) -> Actor:
+        if not token:
+            raise NotFromSource("no token provided")
+        token = self.normalise_token(token)
+        if not token.startswith(self.token_prefix):
+            raise NotFromSource("unknown token prefix")
+        if len(token) != TOKEN_LENGTH:
+            raise InvalidTokenFormat()
+        return await self._lookup(token)
+
+    async def update(self, actor: Actor, token: str) -> Actor:
+        token = self.normalise_token(token)
+        if not token.startswith(self.token_prefix) or len(token) != TOKEN_LENGTH:
+            return actor
+        return await self._refresh(actor, token, getattr(self._config, self.cooldown_setting))
 
     @property
     def cache(self) -> ActorCache:

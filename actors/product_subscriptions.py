@@ -14,21 +14,18 @@ reached, cached actors keep serving.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from actors.base import (
     InvalidTokenFormat,
-    NotFromSource,
     SourceUnavailable,
     TokenDenied,
 )
-from actors.graphql import GraphQLClient, GraphQLError, GraphQLResponseError
+from actors.graphql import GraphQLError, GraphQLResponseError
 from actors.model import Actor, RateLimit
 from actors.redis_cache import (
     SUBSCRIPTIONS_NAMESPACE,
-    ActorCache,
     is_token_key,
     token_key,
 )
@@ -38,7 +35,6 @@ from actors.graphql_source import (
     NEGATIVE_TTL_S,
     CachedGraphQLSource,
     CorruptEntry,
-    ResetUsage,
     changed_features,
     decode_actor,
     encode_actor,
@@ -47,12 +43,10 @@ from actors.graphql_source import (
 )
 from actors.tokens import (
     SUBSCRIPTION_PREFIX,
-    TOKEN_LENGTH,
     check_token_format,
     normalise_subscription_token,
     token_sha256,
 )
-from conf.model import ActorsConfig
 
 log = logging.getLogger("gateway.actors.product_subscriptions")
 
@@ -142,34 +136,14 @@ class ProductSubscriptionSource(CachedGraphQLSource):
     actor_source = SOURCE_NAME
     refresh_after_s = REFRESH_AFTER_S
 
-    def __init__(
-        self,
-        graphql: GraphQLClient,
-        redis: object | None,
-        config: ActorsConfig,
-        reset_usage: ResetUsage | None = None,
-        clock: Callable[[], float] = time.time,
-        *,
-        cache: ActorCache | None = None,
-    ) -> None:
-        super().__init__(graphql, redis, config, reset_usage, clock, cache=cache, namespace=SUBSCRIPTIONS_NAMESPACE)
-        self.last_sync_pruned = 0
+    namespace = SUBSCRIPTIONS_NAMESPACE
+    token_prefix = SUBSCRIPTION_PREFIX
+    cooldown_setting = "subscription_actor_cooldown"
+    # Tokens the last sync dropped from the cache.
+    last_sync_pruned = 0
 
-    async def get(self, token: str) -> Actor:
-        if not token:
-            raise NotFromSource("no token provided")
-        token = normalise_subscription_token(token)
-        if not token.startswith(SUBSCRIPTION_PREFIX):
-            raise NotFromSource("unknown token prefix")
-        if len(token) != TOKEN_LENGTH:
-            raise InvalidTokenFormat()
-        return await self._lookup(token)
-
-    async def update(self, actor: Actor, token: str) -> Actor:
-        token = normalise_subscription_token(token)
-        if not token.startswith(SUBSCRIPTION_PREFIX) or len(token) != TOKEN_LENGTH:
-            return actor
-        return await self._refresh(actor, token, self._config.subscription_actor_cooldown)
+    def normalise_token(self, token: str) -> str:
+        return normalise_subscription_token(token)
 
     async def sync(self) -> int:
         """Cache an actor for every token of every subscription, then drop tokens not seen."""

@@ -7,7 +7,6 @@ update-on-error actor refresh in the background.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import math
@@ -18,6 +17,7 @@ from tornado.ioloop import IOLoop
 
 from actors.base import ActorRecentlyUpdated
 from actors.model import Actor, RateLimit
+from background import BackgroundTasks
 from errors import RateLimited, ServiceUnavailable
 from handlers.services import Services
 from limiter.base import CONCURRENCY, TOKENS, Decision, LimiterUnavailable, LimitRule
@@ -116,20 +116,8 @@ class LimitedRequest:
         )
 
 
-_background: set[asyncio.Task[Any]] = set()
-
-
-def spawn(coro: Any, what: str) -> None:
-    """Fire-and-forget that is never garbage-collected early and never loses its error."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-
-    def done(t: asyncio.Task[Any]) -> None:
-        _background.discard(t)
-        if not t.cancelled() and t.exception() is not None:
-            log.error("%s failed: %s", what, t.exception())
-
-    task.add_done_callback(done)
+_background = BackgroundTasks(log)
+spawn = _background.spawn
 
 
 def refresh_in_background(services: Services, actor: Actor, token: str) -> None:

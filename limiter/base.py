@@ -112,6 +112,23 @@ class Decision:
     token_reserve: int = 0
 
 
+def invalid(rule: LimitRule) -> bool:
+    """A rule without a positive limit and interval admits nothing."""
+    return rule.limit <= 0 or rule.interval_s <= 0
+
+
+def denied_invalid(rule: LimitRule) -> Decision:
+    # Answered before any store is asked: keeps a division by zero out of the scripts.
+    return Decision(
+        allowed=False,
+        cause=QUOTA,
+        limit=max(0, rule.limit),
+        remaining=0,
+        retry_after_s=max(0.0, rule.interval_s),
+        reset_s=max(0.0, rule.interval_s),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LimitStatus:
     """Read-only view for GET /v1/limits."""

@@ -26,6 +26,8 @@ from limiter.base import (
     LimitStatus,
     bounded_rule,
     bounded_units,
+    denied_invalid,
+    invalid,
 )
 from limiter.scripts import MAX_TTL_MS
 
@@ -59,21 +61,6 @@ class _Bucket:
         if self.tokens_level is not None and self.tokens_capacity is not None:
             return self.tokens_level + elapsed * self.tokens_rate >= self.tokens_capacity
         return True
-
-
-def _invalid(rule: LimitRule) -> bool:
-    return rule.limit <= 0 or rule.interval_s <= 0
-
-
-def _denied_invalid(rule: LimitRule) -> Decision:
-    return Decision(
-        allowed=False,
-        cause=QUOTA,
-        limit=max(0, rule.limit),
-        remaining=0,
-        retry_after_s=max(0.0, rule.interval_s),
-        reset_s=max(0.0, rule.interval_s),
-    )
 
 
 class MemoryLimiter:
@@ -119,8 +106,8 @@ class MemoryLimiter:
 
     async def acquire(self, rule: LimitRule, *, cost: int = 1, token_reserve: int = 0) -> Decision:
         rule = bounded_rule(rule)
-        if _invalid(rule):
-            return _denied_invalid(rule)
+        if invalid(rule):
+            return denied_invalid(rule)
         cost = bounded_units(cost)
         token_reserve = bounded_units(token_reserve)
         now = self._clock()
@@ -198,7 +185,7 @@ class MemoryLimiter:
         if not decision.allowed:
             return
         rule = bounded_rule(rule)
-        if _invalid(rule):
+        if invalid(rule):
             return
         bucket = self._refilled(rule, self._clock())
         if decision.lease_id is not None:
@@ -241,7 +228,7 @@ class MemoryLimiter:
 
     async def status(self, rule: LimitRule) -> LimitStatus:
         rule = bounded_rule(rule)
-        if _invalid(rule):
+        if invalid(rule):
             return LimitStatus(
                 limit=max(0, rule.limit), remaining=0, used=0, reset_s=0.0, in_flight=0,
                 tokens_limit=rule.tokens_limit,

@@ -41,6 +41,8 @@ from limiter.base import (
     LimitStatus,
     bounded_rule,
     bounded_units,
+    denied_invalid,
+    invalid,
 )
 from redisconn.connect import lean_client
 from redisconn.resp import RespClient
@@ -128,19 +130,6 @@ def _ms(seconds: float) -> str:
     return repr(float(seconds) * 1000.0)
 
 
-def _denied_invalid(rule: LimitRule) -> Decision:
-    # A rule without a positive limit and interval admits nothing; answering
-    # here keeps a division by zero out of the scripts.
-    return Decision(
-        allowed=False,
-        cause=QUOTA,
-        limit=max(0, rule.limit),
-        remaining=0,
-        retry_after_s=max(0.0, rule.interval_s),
-        reset_s=max(0.0, rule.interval_s),
-    )
-
-
 class RedisLimiter:
     """The limiter on a redis-py client from redisconn/connect.py.
 
@@ -181,8 +170,8 @@ class RedisLimiter:
         """Admit or refuse. ``lease_id`` lets the caller choose the lease's id before the call,
         so it can free that lease (``abandon``) if it gives up waiting for the answer."""
         rule = bounded_rule(rule)
-        if rule.limit <= 0 or rule.interval_s <= 0:
-            return _denied_invalid(rule)
+        if invalid(rule):
+            return denied_invalid(rule)
         cost = bounded_units(cost)
         token_reserve = bounded_units(token_reserve)
         if rule.concurrency > 0:
@@ -244,7 +233,7 @@ class RedisLimiter:
         if not decision.allowed:
             return
         rule = bounded_rule(rule)
-        if rule.limit <= 0 or rule.interval_s <= 0:
+        if invalid(rule):
             return
         self._releasing += 1
         self._released.clear()
@@ -321,7 +310,7 @@ class RedisLimiter:
 
     async def status(self, rule: LimitRule) -> LimitStatus:
         rule = bounded_rule(rule)
-        if rule.limit <= 0 or rule.interval_s <= 0:
+        if invalid(rule):
             return LimitStatus(
                 limit=max(0, rule.limit), remaining=0, used=0, reset_s=0.0, in_flight=0,
                 tokens_limit=rule.tokens_limit,

@@ -22,7 +22,6 @@ here ever delays or fails a request: it runs as a background task, at most
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import math
@@ -34,6 +33,7 @@ from urllib.parse import urlsplit
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from background import BackgroundTasks
 from conf.durations import format_go_duration
 
 log = logging.getLogger("gateway.notify")
@@ -141,7 +141,7 @@ class QuotaNotifier:
         self._on_outcome = on_outcome
         self._local = _LocalState()
         self._max_pending = max_pending
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(log)
         self.dropped = 0
 
     def notify(self, actor: Any, feature: str, usage_ratio: float, ttl_s: float) -> None:
@@ -156,24 +156,16 @@ class QuotaNotifier:
             self.dropped += 1
             log.warning("quota notification dropped: %d already pending", len(self._tasks))
             return
-        task = asyncio.ensure_future(self._run(actor, feature, thresholds, percent, ttl_s))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        self._tasks.spawn(self._run(actor, feature, thresholds, percent, ttl_s), "quota notification")
 
     @property
     def pending(self) -> int:
         """Notifications still running."""
         return len(self._tasks)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("quota notification failed: %s", task.exception())
-
     async def wait_idle(self, timeout_s: float = 20.0) -> None:
         """Let pending notifications finish (for shutdown)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        await self._tasks.wait(timeout_s)
 
     async def _run(self, actor: Any, feature: str, thresholds: tuple[int, ...], percent: int, ttl_s: float) -> None:
         bucket = highest_bucket(thresholds, percent)

@@ -30,7 +30,14 @@ from urllib.parse import unquote
 import orjson
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.httpclient import (
+    AsyncHTTPClient,
+    HTTPClientError,
+    HTTPRequest,
+    HTTPResponse,
+)
+
+from background import BackgroundTasks
 
 log = logging.getLogger("gateway.tracing")
 
@@ -232,7 +239,7 @@ class LoopSpanExporter(SpanProcessor):
         self._held = 0  # spans inside those posts (retries included)
         self._flush_scheduled = False
         self._draining = False  # a flush of everything asked for and not finished yet
-        self._posts: set[asyncio.Future[None]] = set()  # strong references: the loop keeps only weak ones
+        self._posts = BackgroundTasks(log)
         self._waiters: list[threading.Event] = []  # force_flush calls waiting for the queue to drain
         self._closed = False
         self._timer = self._loop.call_later(self._delay_s, self._tick)
@@ -292,10 +299,7 @@ class LoopSpanExporter(SpanProcessor):
         self._timer.cancel()
         self.stats.dropped += len(self._queue)
         self._queue.clear()
-        for task in list(self._posts):  # past the deadline: give up on them
-            task.cancel()
-        if self._posts:
-            await asyncio.gather(*self._posts, return_exceptions=True)
+        await self._posts.cancel()  # past the deadline: give up on them
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -328,9 +332,7 @@ class LoopSpanExporter(SpanProcessor):
                 continue
             self._in_flight += 1
             self._held += len(batch)
-            task = asyncio.ensure_future(self._post(body, len(batch)))
-            self._posts.add(task)
-            task.add_done_callback(self._post_done)
+            self._posts.spawn(self._post(body, len(batch)), "OTLP export task")
         self._draining = everything and bool(self._queue)
         self._notify_if_idle()
 
@@ -379,13 +381,6 @@ class LoopSpanExporter(SpanProcessor):
         if response.code == 599:
             return 599, type(response.error).__name__ if response.error else "no response"
         return response.code, f"HTTP {response.code}"
-
-    def _post_done(self, task: asyncio.Future[None]) -> None:
-        self._posts.discard(task)
-        if task.cancelled():
-            return
-        if task.exception() is not None:
-            log.error("OTLP export task failed", exc_info=task.exception())
 
     def _flush_then_signal(self, done: threading.Event) -> None:
         if self._closed:  # nothing will be posted any more

@@ -44,8 +44,10 @@ from typing import Any
 
 import orjson
 from tornado.ioloop import IOLoop, PeriodicCallback
-from tornado.locks import Condition, Event as TornadoEvent
+from tornado.locks import Condition
+from tornado.locks import Event as TornadoEvent
 
+from background import BackgroundTasks
 from conf.model import EventsConfig
 from usage.events import Event, EventSink
 from usage.sinks import RejectedRows
@@ -178,7 +180,7 @@ class EventLogger:
         self._stopped = False
         self._stop_requested = TornadoEvent()
         self._changed = Condition()
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks = BackgroundTasks(log, on_done=self._task_done)
         self._loop: IOLoop | None = None
         self._periodic: PeriodicCallback | None = None
         # Disk and sink calls get their own threads so a slow BigQuery never
@@ -420,15 +422,10 @@ class EventLogger:
         except Exception:  # noqa: BLE001 - a periodic callback must keep running
             log.exception("event pump failed")
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        self._tasks.spawn(work, "event pipeline task")
 
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("event pipeline task failed", exc_info=task.exception())
+    def _task_done(self) -> None:
         self._changed.notify_all()
         if not self._stopping:
             self._kick()
