@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import asyncio
 import io
 import time
@@ -392,3 +393,16 @@ def test_changing_metadata_after_record_does_not_change_the_row(tmp_path: Path) 
     run(main())
     (row,) = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
     assert orjson.loads(row["metadata"]) == {"tokens": 1}
+
+
+def test_jsonl_file_moved_away_by_rotation_starts_a_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path)
+    first = [Event("CompletionsFinished", "static", "a", {"n": 1})]
+    second = [Event("CompletionsFinished", "static", "a", {"n": 2})]
+    sink.write_batch(first)
+    path.rename(tmp_path / "events.jsonl.1")  # logrotate's default "create" mode
+    sink.write_batch(second)
+    sink.close()
+    assert [json.loads(line)["metadata"]["n"] for line in (tmp_path / "events.jsonl.1").read_text().splitlines()] == [1]
+    assert [json.loads(line)["metadata"]["n"] for line in path.read_text().splitlines()] == [2]

@@ -28,7 +28,9 @@ class JsonlSink:
 
     Each batch is one ``os.write`` on an ``O_APPEND`` descriptor, so
     several gateway processes can share the file without interleaving
-    lines.
+    lines. Rotation needs no signal: a file moved or removed (logrotate's
+    default ``create`` mode) is noticed at the next batch, which starts a
+    new file at the configured path; ``copytruncate`` works as is.
     """
 
     name = "jsonl"
@@ -69,9 +71,22 @@ class JsonlSink:
             f.truncate(0)
 
     def _descriptor(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        return self._fd
+        fd = self._fd
+        if fd is not None and not self._still_the_file(fd):
+            os.close(fd)
+            fd = self._fd = None
+        if fd is None:
+            fd = self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return fd
+
+    def _still_the_file(self, fd: int) -> bool:
+        """Whether the open descriptor is still the file at ``path`` (one stat per batch)."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (at_path.st_ino, at_path.st_dev) == (held.st_ino, held.st_dev)
 
     def write_batch(self, events: list[Event]) -> None:
         if not events:
