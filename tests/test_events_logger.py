@@ -404,5 +404,5 @@ def test_jsonl_file_moved_away_by_rotation_starts_a_new_file(tmp_path: Path) -> 
     path.rename(tmp_path / "events.jsonl.1")  # logrotate's default "create" mode
     sink.write_batch(second)
     sink.close()
-    assert [json.loads(line)["metadata"]["n"] for line in (tmp_path / "events.jsonl.1").read_text().splitlines()] == [1]
-    assert [json.loads(line)["metadata"]["n"] for line in path.read_text().splitlines()] == [2]
+    assert [json.loads(json.loads(line)["metadata"])["n"] for line in (tmp_path / "events.jsonl.1").read_text().splitlines()] == [1]
+    assert [json.loads(json.loads(line)["metadata"])["n"] for line in path.read_text().splitlines()] == [2]
