@@ -151,7 +151,11 @@ def run_workers(config: Config) -> int:
         print(f"gateway: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     port = groups[0][0].getsockname()[1]
-    metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(config.base_dir) / "var" / "prometheus")))
+    from conf.loader import resolve_path
+
+    # Beside the event spool: the gateway's state stays under one directory (the image's volume).
+    default_dir = resolve_path(config, config.events.spool_dir).parent / "prometheus"
+    metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir)))
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
 
