@@ -15,7 +15,7 @@ def _default(leaf: dict[str, Any]) -> str:
     if "default" not in leaf:
         return ""
     value = leaf["default"]
-    if isinstance(value, list) and len(value) > 3:
+    if isinstance(value, (list, dict)) and len(value) > 3:
         return f"{len(value)} entries (see schema)"
     if isinstance(value, dict):
         return "`" + json.dumps(value) + "`"

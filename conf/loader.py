@@ -94,6 +94,9 @@ def _parse_env_value(raw: str, leaf: Mapping[str, Any]) -> Any:
         raise ValueError(f"not a boolean: {raw!r}")
     if kind == "array":
         stripped = raw.strip()
+        if stripped.startswith("+"):
+            # "+a,b" (or "+[...]"): added to the file's (or the default) list, not replacing it.
+            return _Append(_parse_env_value(stripped[1:], leaf))
         if stripped.startswith("["):
             return json.loads(stripped)
         return [part.strip() for part in stripped.split(",") if part.strip()]
@@ -102,7 +105,11 @@ def _parse_env_value(raw: str, leaf: Mapping[str, Any]) -> Any:
     return raw
 
 
-def _set_path(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+class _Append(list[Any]):
+    """Environment list values that extend the configured (or default) list."""
+
+
+def _set_path(doc: dict[str, Any], path: tuple[str, ...], value: Any, default: Any = None) -> None:
     node = doc
     for key in path[:-1]:
         child = node.get(key)
@@ -110,6 +117,9 @@ def _set_path(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
             child = {}
             node[key] = child
         node = child
+    if isinstance(value, _Append):
+        base = node.get(path[-1], default)
+        value = [*(base if isinstance(base, list) else []), *(v for v in value if v not in (base or []))]
     node[path[-1]] = value
 
 
@@ -212,7 +222,7 @@ def load_config(
             if raw is None or (raw == "" and leaf.get("type") != "string"):
                 continue
             try:
-                _set_path(doc, leaf_path, _parse_env_value(raw, leaf))
+                _set_path(doc, leaf_path, _parse_env_value(raw, leaf), leaf.get("default"))
             except ValueError as exc:
                 problems.append(f"{'.'.join(leaf_path)} (from ${name}): {exc}")
             break
@@ -266,7 +276,12 @@ def _freeze(doc: dict[str, Any], *, base_dir: str) -> Config:
         upstream=UpstreamConfig(**doc["upstream"]),
         providers=ProvidersConfig(
             anthropic=AnthropicConfig(
-                **{**p["anthropic"], "allowed_models": tuple(p["anthropic"]["allowed_models"])}
+                **{
+                    **p["anthropic"],
+                    "allowed_models": tuple(p["anthropic"]["allowed_models"]),
+                    "allowed_betas": tuple(p["anthropic"]["allowed_betas"]),
+                    "max_tokens_caps": tuple((k, int(v)) for k, v in p["anthropic"]["max_tokens_caps"].items()),
+                }
             ),
             openai=OpenAIConfig(**{**p["openai"], "allowed_models": tuple(p["openai"]["allowed_models"])}),
             fireworks=FireworksConfig(

@@ -57,6 +57,10 @@ class AnthropicConfig:
     api_url: str
     allowed_models: tuple[str, ...]
     max_tokens_to_sample: int
+    # anthropic-beta values clients may send ("*": any).
+    allowed_betas: tuple[str, ...] = ("*",)
+    # (model pattern, max_tokens cap), first match wins; others get max_tokens_to_sample.
+    max_tokens_caps: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,8 @@ class OpenAIConfig:
     org_id: str
     api_url: str
     allowed_models: tuple[str, ...]
+    # n above this is lowered to it (the reference: 1).
+    max_choices: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +128,13 @@ class ActorsConfig:
     sources: tuple[str, ...]
     allow_anonymous: bool
     static_file: str
+    static_file_optional: bool
     concurrency_limit_percentage: float
     concurrency_limit_interval: float
     local_cache_ttl: float
     sources_sync_interval: float
     sources_cache_ttl: float
     dotcom_api_url: str
-    static_file_optional: bool
     dotcom_access_token: str
     dotcom_client_id: str
     dotcom_actor_cooldown: float

@@ -118,6 +118,12 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     "no_usage": _flag,
     "huge_event_bytes": _nonneg_int,
     "invalid_utf8": _flag,
+    # Tool use, thinking and usage components (issue 15).
+    "tool_use": _text,
+    "thinking": _flag,
+    "cache_read": _nonneg_int,
+    "cache_creation": _nonneg_int,
+    "reasoning_tokens": _nonneg_int,
 }
 
 _BASE_DEFAULTS: dict[str, Any] = {"ttft_ms": 0.0, "tokens": 20, "tokens_per_s": 0.0}
@@ -337,6 +343,19 @@ class Completion:
     hit_max: bool
     cumulative: bool
     sse: bool
+    # Tool call name (tool_use directive), thinking block, usage components.
+    tool: str | None = None
+    thinking: bool = False
+    cache_read: int | None = None
+    cache_creation: int | None = None
+    reasoning_tokens: int | None = None
+
+
+# The arguments every fake tool call carries.
+TOOL_INPUT: dict[str, Any] = {"location": "Paris", "unit": "celsius"}
+_TOOL_INPUT_JSON = json.dumps(TOOL_INPUT, separators=(",", ":"))
+THINKING_TEXT = "Let me think about this step by step."
+THINKING_SIGNATURE = "fake-signature-" + "a" * 16
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -435,8 +454,56 @@ _AM_BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop"
 _AM_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
+def _am_cache_usage(c: Completion) -> bytes:
+    out = b""
+    if c.cache_creation is not None:
+        out += b',"cache_creation_input_tokens":%d' % c.cache_creation
+    if c.cache_read is not None:
+        out += b',"cache_read_input_tokens":%d' % c.cache_read
+    return out
+
+
+def _am_extra_blocks_stream(c: Completion) -> tuple[bytes, bytes]:
+    """(blocks before the text block, blocks after it), and the text block's index."""
+    before = b""
+    if c.thinking:
+        before = b"".join((
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+            + b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            + b'"delta":{"type":"thinking_delta","thinking":' + _dumps(THINKING_TEXT) + b"}}\n\n",
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            + b'"delta":{"type":"signature_delta","signature":' + _dumps(THINKING_SIGNATURE) + b"}}\n\n",
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+        ))  # fmt: skip
+    after = b""
+    if c.tool:
+        index = 2 if c.thinking else 1
+        half = len(_TOOL_INPUT_JSON) // 2
+        after = b"".join((
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,' % index,
+            b'"content_block":{"type":"tool_use","id":"toolu_', c.id, b'","name":', _dumps(c.tool), b',"input":{}}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' % index,
+            b'"delta":{"type":"input_json_delta","partial_json":', _dumps(_TOOL_INPUT_JSON[:half]), b"}}\n\n",
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' % index,
+            b'"delta":{"type":"input_json_delta","partial_json":', _dumps(_TOOL_INPUT_JSON[half:]), b"}}\n\n",
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % index,
+        ))  # fmt: skip
+    return before, after
+
+
+def _am_index(c: Completion) -> bytes:
+    return b"1" if c.thinking else b"0"
+
+
 class AnthropicMessages(_AnthropicWire):
-    """``POST /v1/messages``."""
+    """``POST /v1/messages``.
+
+    ``tool_use=NAME`` adds a tool_use block (input ``TOOL_INPUT``, streamed as
+    two ``input_json_delta``) and stops with ``tool_use``; ``thinking=1`` puts a
+    thinking block (with signature) first; ``cache_read`` / ``cache_creation``
+    add those usage fields.
+    """
 
 
     def read(self, body: dict[str, Any], args: tuple[str, ...], request: tornado.httputil.HTTPServerRequest) -> Request:
@@ -449,24 +516,41 @@ class AnthropicMessages(_AnthropicWire):
         )
 
     def head(self, c: Completion) -> bytes:
-        usage = b',"usage":{"input_tokens":%d,"output_tokens":1}' % c.input_tokens if c.usage else b""
+        usage = (
+            b',"usage":{"input_tokens":%d,"output_tokens":1%s}' % (c.input_tokens, _am_cache_usage(c)) if c.usage else b""
+        )
+        block_start = _AM_BLOCK_START
+        before = b""
+        if c.thinking or c.tool:
+            before, _ = _am_extra_blocks_stream(c)
+            block_start = _AM_BLOCK_START.replace(b'"index":0', b'"index":' + _am_index(c))
         return b"".join((
             b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_', c.id,
             b'","type":"message","role":"assistant","model":', c.model,
             b',"content":[],"stop_reason":null,"stop_sequence":null', usage, b"}}\n\n",
-            _AM_BLOCK_START,
+            before, block_start,
         ))  # fmt: skip
 
     def chunk(self, c: Completion, i: int) -> bytes:
+        if c.thinking:
+            return _AM_DELTA.replace(b'"index":0', b'"index":1') + c.pieces[i] + _AM_DELTA_END
         return _AM_DELTA + c.pieces[i] + _AM_DELTA_END
 
     def _stop_reason(self, c: Completion) -> bytes:
+        if c.tool:
+            return b"tool_use"
         return b"max_tokens" if c.hit_max else b"end_turn"
 
     def tail(self, c: Completion) -> bytes:
-        usage = b',"usage":{"output_tokens":%d}' % c.tokens if c.usage else b""
+        usage = (
+            b',"usage":{"input_tokens":%d,"output_tokens":%d%s}' % (c.input_tokens, c.tokens, _am_cache_usage(c))
+            if c.usage and (c.cache_read is not None or c.cache_creation is not None)
+            else b',"usage":{"output_tokens":%d}' % c.tokens if c.usage else b""
+        )
+        after = _am_extra_blocks_stream(c)[1] if c.tool else b""
+        block_stop = _AM_BLOCK_STOP.replace(b'"index":0', b'"index":' + _am_index(c))
         return b"".join((
-            _AM_BLOCK_STOP,
+            block_stop, after,
             b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"', self._stop_reason(c),
             b'","stop_sequence":null}', usage, b"}\n\n",
             _AM_STOP,
@@ -476,12 +560,38 @@ class AnthropicMessages(_AnthropicWire):
         return b"event: error\ndata: " + _anthropic_error(status) + b"\n\n"
 
     def body(self, c: Completion) -> bytes:
-        usage = b',"usage":{"input_tokens":%d,"output_tokens":%d}' % (c.input_tokens, c.tokens) if c.usage else b""
+        usage = (
+            b',"usage":{"input_tokens":%d,"output_tokens":%d%s}' % (c.input_tokens, c.tokens, _am_cache_usage(c))
+            if c.usage
+            else b""
+        )
+        before = b""
+        if c.thinking:
+            before = b'{"type":"thinking","thinking":%s,"signature":%s},' % (
+                _dumps(THINKING_TEXT), _dumps(THINKING_SIGNATURE)
+            )
+        after = b""
+        if c.tool:
+            after = b',{"type":"tool_use","id":"toolu_%s","name":%s,"input":%s}' % (
+                c.id, _dumps(c.tool), _TOOL_INPUT_JSON.encode()
+            )
         return b"".join((
             b'{"id":"msg_', c.id, b'","type":"message","role":"assistant","model":', c.model,
-            b',"content":[{"type":"text","text":"', b"".join(c.pieces),
-            b'"}],"stop_reason":"', self._stop_reason(c), b'","stop_sequence":null', usage, b"}",
+            b',"content":[', before, b'{"type":"text","text":"', b"".join(c.pieces), b'"}', after,
+            b'],"stop_reason":"', self._stop_reason(c), b'","stop_sequence":null', usage, b"}",
         ))  # fmt: skip
+
+
+class AnthropicCountTokens(Wire):
+    """``POST /v1/messages/count_tokens``: ``{"input_tokens": N}`` (one per word)."""
+
+    def error_body(self, status: int) -> bytes:
+        return _anthropic_error(status)
+
+    def render(self, body: dict[str, Any]) -> bytes:
+        messages = body.get("messages")
+        tokens = count_words(body.get("system")) + count_words(messages if isinstance(messages, list) else None)
+        return _dumps({"input_tokens": tokens})
 
 
 class AnthropicComplete(_AnthropicWire):
@@ -566,10 +676,31 @@ def _openai_error(status: int) -> bytes:
 
 
 def _openai_usage(c: Completion) -> bytes:
-    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (
+    completion = c.tokens + (c.reasoning_tokens or 0)
+    details = b""
+    if c.cache_read is not None:
+        details += b',"prompt_tokens_details":{"cached_tokens":%d,"audio_tokens":0}' % c.cache_read
+    if c.reasoning_tokens is not None:
+        details += b',"completion_tokens_details":{"reasoning_tokens":%d,"audio_tokens":0}' % c.reasoning_tokens
+    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d%s}' % (
         c.input_tokens,
-        c.tokens,
-        c.input_tokens + c.tokens,
+        completion,
+        c.input_tokens + completion,
+        details,
+    )
+
+
+def _openai_tool_call_delta(c: Completion) -> bytes:
+    return b'{"tool_calls":[{"index":0,"id":"call_%s","type":"function","function":{"name":%s,"arguments":%s}}]}' % (
+        c.id, _dumps(c.tool or ""), _dumps(_TOOL_INPUT_JSON)
+    )
+
+
+def _tool_calls_member(c: Completion) -> bytes:
+    if not c.tool:
+        return b""
+    return b',"tool_calls":[{"id":"call_%s","type":"function","function":{"name":%s,"arguments":%s}}]' % (
+        c.id, _dumps(c.tool), _dumps(_TOOL_INPUT_JSON)
     )
 
 
@@ -629,8 +760,16 @@ class OpenAIChat(_OpenAIStyle):
             self._prefix(c), b'{"content":"', c.pieces[i], b'"},"logprobs":null,"finish_reason":null}]', self._end(c),
         ))  # fmt: skip
 
+    def _finish(self, c: Completion) -> bytes:
+        if c.tool:
+            return b"tool_calls"
+        return b"length" if c.hit_max else b"stop"
+
     def tail(self, c: Completion) -> bytes:
-        parts = [
+        parts = []
+        if c.tool:
+            parts += [self._prefix(c), _openai_tool_call_delta(c), b',"logprobs":null,"finish_reason":null}]', self._end(c)]
+        parts += [
             self._prefix(c), b'{},"logprobs":null,"finish_reason":"', self._finish(c), b'"}]', self._end(c),
         ]  # fmt: skip
         if c.include_usage and c.usage:
@@ -646,8 +785,8 @@ class OpenAIChat(_OpenAIStyle):
         return b"".join((
             b'{"id":"chatcmpl-', c.id, b'","object":"chat.completion","created":%d,"model":' % c.created, c.model,
             b',"choices":[{"index":0,"message":{"role":"assistant","content":"', b"".join(c.pieces),
-            b'","refusal":null},"logprobs":null,"finish_reason":"', self._finish(c), b'"}]', usage,
-            b',"system_fingerprint":"fp_fake"}',
+            b'","refusal":null', _tool_calls_member(c), b'},"logprobs":null,"finish_reason":"', self._finish(c), b'"}]',
+            usage, b',"system_fingerprint":"fp_fake"}',
         ))  # fmt: skip
 
 
@@ -774,15 +913,24 @@ class GoogleGemini(CompletionWire):
 
     def _candidate(self, c: Completion, text: bytes, produced: int, final: bool) -> bytes:
         finish = (b',"finishReason":"MAX_TOKENS"' if c.hit_max else b',"finishReason":"STOP"') if final else b""
+        thoughts = c.reasoning_tokens or 0
+        extra_usage = b""
+        if c.reasoning_tokens is not None:
+            extra_usage += b',"thoughtsTokenCount":%d' % c.reasoning_tokens
+        if c.cache_read is not None:
+            extra_usage += b',"cachedContentTokenCount":%d' % c.cache_read
         usage = (
-            b',"usageMetadata":{"promptTokenCount":%d,"candidatesTokenCount":%d,"totalTokenCount":%d}'
-            % (c.input_tokens, produced, c.input_tokens + produced)
+            b',"usageMetadata":{"promptTokenCount":%d,"candidatesTokenCount":%d,"totalTokenCount":%d%s}'
+            % (c.input_tokens, produced, c.input_tokens + produced + thoughts, extra_usage)
             if c.usage
             else b""
         )
+        call = b""
+        if c.tool and final:
+            call = b',{"functionCall":{"name":%s,"args":%s}}' % (_dumps(c.tool), _TOOL_INPUT_JSON.encode())
         return b"".join((
-            b'{"candidates":[{"content":{"parts":[{"text":"', text, b'"}],"role":"model"}', finish, b',"index":0}]',
-            usage, b',"modelVersion":', c.model, b"}",
+            b'{"candidates":[{"content":{"parts":[{"text":"', text, b'"}', call, b'],"role":"model"}', finish,
+            b',"index":0}]', usage, b',"modelVersion":', c.model, b"}",
         ))  # fmt: skip
 
     def _frame(self, c: Completion, element: bytes, first: bool) -> bytes:
@@ -1087,6 +1235,11 @@ class CompletionHandler(_FakeHandler):
             hit_max=request.max_tokens is not None and tokens >= request.max_tokens,
             cumulative=request.cumulative,
             sse=request.sse,
+            tool=opts.get("tool_use"),
+            thinking=opts.get("thinking", False),
+            cache_read=opts.get("cache_read"),
+            cache_creation=opts.get("cache_creation"),
+            reasoning_tokens=opts.get("reasoning_tokens"),
         )
         if not await self._pause_until(ready):
             return
@@ -1162,6 +1315,15 @@ class EmbeddingsHandler(_FakeHandler):
             self._send(200, payload, self._wire.json_type, faults)
 
 
+class CountTokensHandler(EmbeddingsHandler):
+    """``POST /v1/messages/count_tokens``."""
+
+    _wire: AnthropicCountTokens  # type: ignore[assignment]
+
+    async def _respond(self, body: dict[str, Any], args: tuple[str, ...], opts: dict[str, Any], ready: float) -> None:
+        await self._answer(self._wire.render(body), opts, ready)
+
+
 class KServeHandler(EmbeddingsHandler):
     """``POST /v2/models/{name}/infer``."""
 
@@ -1229,6 +1391,7 @@ def make_app(**defaults: Any) -> tornado.web.Application:
 
     handlers: list[Any] = [
         route(r"/v1/messages", CompletionHandler, AnthropicMessages()),
+        route(r"/v1/messages/count_tokens", CountTokensHandler, AnthropicCountTokens()),
         route(r"/v1/complete", CompletionHandler, AnthropicComplete()),
         route(r"/v1/chat/completions", CompletionHandler, OpenAIChat()),
         route(r"/v1/embeddings", EmbeddingsHandler, OpenAIEmbeddings()),

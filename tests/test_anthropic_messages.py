@@ -154,7 +154,8 @@ def test_bad_inputs_get_json_errors_and_no_event_is_lost(gw: GatewayProcess) -> 
     assert_json_error(post(gw, None, raw=b"[1,2]"), 400, "failed to parse request body")
     assert_json_error(post(gw, {"model": MODEL, "max_tokens": "ten", "messages": []}), 400, "max_tokens")
     assert_json_error(post(gw, {"model": MODEL, "max_tokens": 10}), 400, 'must contain "messages"')
-    assert_json_error(post(gw, message_body(max_tokens=4001)), 400, "max_tokens exceeds maximum allowed value of 4000: 4001")
+    # Issue 15: the cap is per model (claude-3-haiku's documented output limit is 4,096), not one 4,000 cap.
+    assert_json_error(post(gw, message_body(max_tokens=4097)), 400, "max_tokens exceeds maximum allowed value of 4096: 4097")
     assert_json_error(post(gw, message_body(), headers={"X-Timeout-Ms": "soon"}), 400, "X-Timeout-Ms")
     big = json.dumps(message_body("x" * (11 * 1024 * 1024))).encode()
     assert_json_error(post(gw, None, raw=big), 413, "too large")

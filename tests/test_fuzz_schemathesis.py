@@ -30,6 +30,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from tests.support.error_shapes import error_message
 from tests.conftest import DIAGNOSTICS_SECRET
 from tests.test_fuzz_support import counted, examples, full_env, fuzz_summary, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
 
@@ -119,7 +120,7 @@ def check_response(case: Any, response: Any) -> None:
     if 400 <= status < 500 and case.method.upper() != "HEAD":
         assert header(response, "Content-Type").startswith("application/json"), response.headers
         body = json.loads(response.content)
-        assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
+        assert isinstance(body, dict) and error_message(body, case.path), body
 
 
 @pytest.mark.timeout(240)

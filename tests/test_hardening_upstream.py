@@ -565,7 +565,6 @@ def test_the_gateway_refuses_a_compressed_stream(gw: Any) -> None:
     assert event_for(gw, response.headers["x-trace"])["outcome"] in ("upstream_error", "error")
 
 
-@pytest.mark.xfail(reason="needs wiring: BufferedCall.feed must copy SSEParser.protocol_error into call.protocol_error", strict=True)
 def test_the_gateway_ends_a_stream_that_turns_into_junk_in_band(gw: Any) -> None:
     with httpx.stream("POST", gw.base_url + ROUTE, json=body_with("hostile:junk=1", True), headers=headers_for(), timeout=20) as response:
         data = b"".join(response.iter_raw())

@@ -146,7 +146,8 @@ def test_too_many_messages_is_400(gw: Any, path: str, body: dict[str, Any]) -> N
 
 
 def test_max_tokens_above_the_configured_maximum_is_400(gw: Any) -> None:
-    assert_error(httpx.post(gw.base_url + ANTHROPIC, json=messages_body(max_tokens=4001), headers=AUTH, timeout=10), 400, "max_tokens")
+    # Issue 15: the Messages cap is per model (claude-3-haiku's documented limit is 4,096).
+    assert_error(httpx.post(gw.base_url + ANTHROPIC, json=messages_body(max_tokens=4097), headers=AUTH, timeout=10), 400, "max_tokens")
     legacy = {"model": "claude-instant-1.2", "max_tokens_to_sample": 4001, "prompt": "\n\nHuman: hi\n\nAssistant:"}
     assert_error(httpx.post(gw.base_url + "/v1/completions/anthropic", json=legacy, headers=AUTH, timeout=10), 400, "max_tokens_to_sample")
     assert_error(httpx.post(gw.base_url + ANTHROPIC, json=messages_body(max_tokens=0), headers=AUTH, timeout=10), 400, "max_tokens")

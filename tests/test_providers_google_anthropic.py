@@ -60,9 +60,11 @@ def test_google_stream_uses_sse_method_and_key_in_query(gw: WiredGateway, fake_p
     assert sent["body"] == {
         "model": "gemini-1.5-flash",
         "contents": body["contents"],
-        "generationConfig": {"temperature": 0, "maxOutputTokens": 100, "candidateCount": 1},
+        # seed and tools are forwarded since issue 15 (the reference dropped them).
+        "generationConfig": {"temperature": 0, "maxOutputTokens": 100, "candidateCount": 1, "seed": 5},
         "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
         "systemInstruction": {"parts": [{"text": "Answer in verse"}]},
+        "tools": [{"codeExecution": {}}],
     }  # no "stream", no unknown fields
     meta = gw.event_for(response.headers["X-Trace"])["metadata"]
     assert meta["stream"] is True and meta["completion_token_count"] == 8
@@ -86,7 +88,9 @@ def test_google_non_stream(gw: WiredGateway, fake_provider: Any) -> None:
 
 def test_google_validation(gw: WiredGateway) -> None:
     assert_json_error(post(gw, GOOGLE, gemini_body("x", stream=False, model="gemini-ultra")), 400, 'model "google/gemini-ultra" is not allowed')
-    assert_json_error(post(gw, GOOGLE, {"model": "gemini-pro", "contents": [{"parts": [{"inlineData": {}}]}]}), 400, "only text parts")
+    # Since issue 15 every part type is forwarded; a part must still be a non-empty object.
+    assert_json_error(post(gw, GOOGLE, {"model": "gemini-pro", "contents": [{"parts": [{}]}]}), 400, "contents[0].parts[0] is empty")
+    assert_json_error(post(gw, GOOGLE, {"model": "gemini-pro", "contents": [{"parts": ["text"]}]}), 400, "contents[0].parts[0]")
     assert_json_error(post(gw, GOOGLE, {"model": "gemini-pro", "generationConfig": {"topK": "many"}}), 400, "generationConfig.topK")
     # A model cannot escape its path segment.
     assert_json_error(post(gw, GOOGLE, gemini_body("x", stream=False, model="../../etc")), 400, "is not allowed")

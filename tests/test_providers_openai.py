@@ -84,16 +84,18 @@ def test_sdk_non_streamed_chat(gw: WiredGateway, fake_provider: Any) -> None:
     assert meta["completion_character_count"] == len("Hello from the fake")
 
 
-def test_stream_without_usage_is_counted_with_the_tokenizer(gw: WiredGateway, fake_provider: Any) -> None:
+def test_stream_without_usage_asked_is_counted_by_the_provider(gw: WiredGateway, fake_provider: Any) -> None:
+    # Issue 15 changed this: the gateway always asks the upstream for stream usage
+    # (the event gets the provider's exact counts) and hides the usage chunk from
+    # a client that did not ask for it.
     mark = marker()
     response = post(gw, ROUTE, {"model": "gpt-4", "stream": True, "messages": [{"role": "user", "content": f"{mark} fake:tokens=6"}]})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     assert sse_data(response.text)[-1] == "[DONE]"
     meta = gw.event_for(response.headers["X-Trace"])["metadata"]
-    # No usage chunk was asked for: the counts are the offline tokenizer's, never -1.
-    assert meta["completion_tokenizer_token_count"] == meta["completion_token_count"] == 6
-    assert meta["prompt_tokenizer_token_count"] == meta["prompt_token_count"] and meta["prompt_token_count"] > 0
-    assert "stream_options" not in received(fake_provider.base_url, mark)[-1]["body"]
+    assert meta["completion_token_count"] == 6 and meta["completion_tokenizer_token_count"] is None
+    assert meta["prompt_token_count"] > 0
+    assert received(fake_provider.base_url, mark)[-1]["body"]["stream_options"] == {"include_usage": True}
 
 
 def test_request_is_transformed(gw: WiredGateway, fake_provider: Any) -> None:
@@ -121,6 +123,9 @@ def test_request_is_transformed(gw: WiredGateway, fake_provider: Any) -> None:
         "stop": "END",
         "logit_bias": {"50256": -100},
         "user": "actor-a:uid-7",
+        # Forwarded since issue 15 (the reference dropped them).
+        "tools": [{"type": "function", "function": {"name": "x"}}],
+        "response_format": {"type": "json_object"},
     }
     assert sent["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
     assert "openai-organization" not in sent["headers"]
@@ -138,7 +143,8 @@ def test_validation(gw: WiredGateway) -> None:
     assert_json_error(post(gw, ROUTE, body, feature="code_completions"), 400, 'feature "code_completions" is currently not supported for OpenAI')
     assert_json_error(post(gw, ROUTE, {**body, "model": "gpt-4-32k"}), 400, 'model "openai/gpt-4-32k" is not allowed, allowed: [openai/gpt-4, ')
     assert_json_error(post(gw, ROUTE, {**body, "max_tokens": "ten"}), 400, "failed to parse request body")
-    assert_json_error(post(gw, ROUTE, {**body, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400, "not supported")
+    # Issue 15: image_url parts are forwarded now; a part must still be an object.
+    assert_json_error(post(gw, ROUTE, {**body, "messages": [{"role": "user", "content": ["image"]}]}), 400, "messages[0].content[0]")
     # The SDK route defaults the feature to chat; the Sourcegraph route requires it.
     assert_json_error(post(gw, ROUTE, body, feature=None), 400, "X-Sourcegraph-Feature header is required")
     assert post(gw, "/openai/v1/chat/completions", body, feature=None).status_code == 200

@@ -8,7 +8,8 @@ usage. Methods run in this order:
 
 1. ``Provider.parse``        decode known fields, validate, transform (raises BadRequest)
 2. ``ProviderCall.upstream_request``   URL, headers, body to send
-3. ``ProviderCall.feed``     every body chunk of a 2xx response, as relayed
+3. ``ProviderCall.feed``     every body chunk of a 2xx response; returns the bytes to
+                             relay (None: relay the chunk as it is)
 4. ``ProviderCall.finish``   once, when the body ended or was cut short
 5. ``ProviderCall.usage``    the counts for the usage event
 ``stream_error_event`` renders an in-band, provider-shaped error for a
@@ -34,6 +35,12 @@ class Usage:
     completion_chars: int | None = None
     completion_tokens: int | None = None
     completion_tokenizer_tokens: int | None = None
+    # Components, as the provider reported them (None: not reported). Cache
+    # reads and writes are part of ``prompt_tokens``; reasoning tokens are part
+    # of ``completion_tokens``: these say how much of each total they are.
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     def total_tokens(self) -> int | None:
         if self.prompt_tokens is None and self.completion_tokens is None:
@@ -48,6 +55,9 @@ class Usage:
             "completion_character_count": self.completion_chars,
             "completion_token_count": self.completion_tokens,
             "completion_tokenizer_token_count": self.completion_tokenizer_tokens,
+            "prompt_cache_read_token_count": self.cache_read_tokens,
+            "prompt_cache_creation_token_count": self.cache_creation_tokens,
+            "completion_reasoning_token_count": self.reasoning_tokens,
         }
 
 
@@ -86,6 +96,9 @@ class CallInfo:
     stream: bool
     metadata: dict[str, Any] = field(default_factory=dict)
     max_tokens: int | None = None
+    # Top-level request fields the gateway does not know and did not forward
+    # (their names, bounded): for the unknown-fields metric.
+    dropped_fields: tuple[str, ...] = ()
 
 
 class ProviderCall(Protocol):
@@ -99,7 +112,9 @@ class ProviderCall(Protocol):
 
     def flag_input(self) -> FlagInput | None: ...
 
-    def feed(self, chunk: bytes) -> None: ...
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Watch a relayed chunk; returns what to relay instead (None: the chunk itself)."""
+        ...
 
     def finish(self) -> None: ...
 

@@ -7,6 +7,7 @@ unknown ones; ``known_fields`` does the same so clients written for it work.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -29,9 +30,14 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return data
 
 
+@lru_cache(maxsize=64)
+def _lowered(names: tuple[str, ...]) -> dict[str, str]:
+    return {n.lower(): n for n in names}
+
+
 def known_fields(data: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """Keep only ``names``, matching keys case-insensitively (exact spelling wins)."""
-    lowered = {n.lower(): n for n in names}
+    lowered = _lowered(names)
     out: dict[str, Any] = {}
     for key, value in data.items():
         canonical = lowered.get(key.lower())
@@ -115,3 +121,34 @@ def require_object(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(path, "an object", value)
     return value
+
+
+# Passed-through JSON (tool schemas, tool inputs, nested blocks) is re-encoded
+# by orjson, which refuses more than 254 levels: deeper is a 400 here, never
+# a 500 there. Real requests nest a few levels (a JSON schema a dozen).
+MAX_DEPTH = 64
+# Names reported for the unknown-fields metric, and their length.
+_MAX_DROPPED_NAMES = 16
+_MAX_DROPPED_NAME_CHARS = 64
+
+
+def check_nesting(value: Any, path: str, max_depth: int = MAX_DEPTH) -> None:
+    """A 400 naming ``path`` if ``value`` nests deeper than ``max_depth`` levels."""
+    if not isinstance(value, (dict, list)):
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise BadRequest(_PREFIX + f"field {path!r} nests deeper than {max_depth} levels")
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
+def dropped_fields(data: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str, ...]:
+    """The top-level keys ``known_fields`` drops (bounded, for the unknown-fields metric)."""
+    lowered = _lowered(names)
+    dropped = [key[:_MAX_DROPPED_NAME_CHARS] for key in data if key.lower() not in lowered]
+    return tuple(dropped[:_MAX_DROPPED_NAMES])

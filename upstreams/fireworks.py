@@ -12,7 +12,13 @@ the resolved model. Deliberate fixes:
 - the abuse heuristics run for Fireworks like for every other provider
   (the reference never flagged Fireworks requests);
 - an allowed virtual name admits every model it can resolve to (the
-  reference did so for ``starcoder`` only).
+  reference did so for ``starcoder`` only);
+- on the chat endpoint the OpenAI-compatible fields Fireworks takes
+  (``CHAT_PASSTHROUGH_FIELDS``: tools, response_format, reasoning_effort, ...)
+  are forwarded, and messages may carry content parts, ``tool_calls`` and
+  ``tool_call_id``; a text-only request is forwarded exactly as before;
+- ``X-Fireworks-Genie: true`` is forwarded and marks the call ``traced``
+  (counted in ``cody_gateway_fireworks_traced_requests_total``).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from actors.model import CHAT_COMPLETIONS
 from conf.model import FireworksConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
-from upstreams.buffered_call import BufferedCall, at_least_one
+from upstreams.buffered_call import at_least_one
 from upstreams.decode import (
+    dropped_fields,
     known_fields,
     opt_bool,
     opt_int,
@@ -39,12 +46,35 @@ from upstreams.decode import (
     parse_body,
     require_object,
 )
+from upstreams.openai_chat import (
+    OpenAIStyleCall,
+    message_content,
+    message_extras,
+    passthrough,
+)
 
 PROVIDER = "fireworks"
-REQUEST_FIELDS = (
+CORE_FIELDS = (
     "prompt", "messages", "model", "max_tokens", "temperature", "top_p", "n", "stream",
     "echo", "stop", "languageId",
 )
+# OpenAI-compatible fields of Fireworks' chat endpoint, forwarded as sent (chat
+# feature only), as documented on 2026-12-01 (docs.fireworks.ai, chat completions).
+CHAT_PASSTHROUGH_FIELDS: dict[str, type] = {
+    "tools": list,
+    "tool_choice": object,
+    "parallel_tool_calls": bool,
+    "response_format": dict,
+    "reasoning_effort": object,
+    "seed": int,
+    "logprobs": object,
+    "top_logprobs": int,
+    "prediction": dict,
+    "presence_penalty": object,
+    "frequency_penalty": object,
+    "top_k": int,
+}
+REQUEST_FIELDS = CORE_FIELDS + tuple(CHAT_PASSTHROUGH_FIELDS)
 
 # Model ids (facts of the Fireworks deployment the reference routes to).
 STARCODER_16B_SINGLE_TENANT = "accounts/sourcegraph/models/starcoder-16b"
@@ -57,6 +87,14 @@ STARCODER2_7B = "accounts/sourcegraph/models/starcoder2-7b"
 DEEPSEEK_CODER_7B = "accounts/sourcegraph/models/deepseek-coder-7b-base"
 
 _SG = "accounts/sourcegraph/models/"
+# The reference's Llama-3-8B fine-tuned models (allowed by default; not virtual).
+FINE_TUNED_LLAMA = (
+    _SG + "lang-typescript-context-fim-meta-llama-3-8b-instruct-e-1",
+    _SG + "lang-javascript-context-fim-meta-llama-3-8b-instruct-e-1",
+    _SG + "lang-php-context-fim-meta-llama-3-8b-instruct-e-1",
+    _SG + "lang-python-context-fim-meta-llama-3-8b-instruct-e-1",
+    _SG + "finetuned-fim-lang-all-model-meta-llama-3-8b",
+)
 # Virtual fine-tuned model -> (languageId -> concrete model, fallback).
 FINE_TUNED: dict[str, tuple[dict[str, str], str]] = {
     "fim-lang-specific-model-deepseek-stack-trained": (
@@ -138,47 +176,21 @@ def _virtual_targets() -> dict[str, frozenset[str]]:
     }
 
 
-def _content(value: Any, path: str) -> str:
+def _content(value: Any, path: str, chat: bool) -> tuple[Any, str]:
+    """(what to forward, its text): a string, or (chat) a list of content parts."""
     if value is None:
-        return ""
+        return "", ""
     if isinstance(value, str):
-        return value
+        return value, value
+    if chat and isinstance(value, list):
+        return message_content(value, path)
     raise BadRequest(f"failed to parse request body: field {path!r} must be a string")
 
 
-class FireworksCall(BufferedCall):
+class FireworksCall(OpenAIStyleCall):
     # True when the client asked Fireworks to trace the request (X-Fireworks-Genie:
     # true); the reference counts these in cody-gateway.fireworks-traced-requests.
     traced = False
-
-    def _on_event(self, name: bytes, data: bytes) -> None:
-        event = self._json(data)
-        if event is None:
-            return
-        if self._took_error(event, "choices"):
-            return
-        self._read_choices(event.get("choices"), "delta")
-        self._read_usage(event.get("usage"))
-
-    def _on_body(self, data: dict[str, Any]) -> None:
-        self._read_choices(data.get("choices"), "message")
-        if self._usage.completion_chars is None:
-            self._usage.completion_chars = 0
-        self._read_usage(data.get("usage"))
-
-    def _read_choices(self, choices: Any, message_key: str) -> None:
-        if not isinstance(choices, list):
-            return
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            text = choice.get("text")
-            if isinstance(text, str):
-                self._add_text(text)
-            message = choice.get(message_key)
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                self._add_text(content)
 
     def stream_error_event(self, message: str) -> bytes:
         payload = orjson.dumps({"error": {"object": "error", "type": "internal_server_error", "message": message}})
@@ -215,20 +227,25 @@ class FireworksProvider:
     def parse(
         self, body: bytes, *, feature: str, identifier: str, headers: Mapping[str, str]
     ) -> FireworksCall:
-        data = known_fields(parse_body(body), REQUEST_FIELDS)
+        raw_data = parse_body(body)
+        chat = feature == CHAT_COMPLETIONS
+        data = known_fields(raw_data, REQUEST_FIELDS if chat else CORE_FIELDS)
         prompt = opt_str(data, "prompt") or ""
         raw_messages = opt_list(data, "messages")
-        messages: list[dict[str, str]] | None = None
+        messages: list[dict[str, Any]] | None = None
+        texts: list[str] = []
         if raw_messages is not None:
             if len(raw_messages) > self._max_messages:
                 raise BadRequest(f"too many messages: {len(raw_messages)} (at most {self._max_messages})")
             messages = []
             for i, raw in enumerate(raw_messages):
                 msg = require_object(raw, f"messages[{i}]")
-                messages.append({
-                    "role": opt_str(msg, "role", f"messages[{i}].role") or "",
-                    "content": _content(msg.get("content"), f"messages[{i}].content"),
-                })  # fmt: skip
+                content, text = _content(msg.get("content"), f"messages[{i}].content", chat)
+                entry: dict[str, Any] = {"role": opt_str(msg, "role", f"messages[{i}].role") or "", "content": content}
+                if chat:
+                    entry.update(message_extras(msg, f"messages[{i}]"))
+                messages.append(entry)
+                texts.append(text)
         requested_model = opt_str(data, "model") or ""
         language_id = opt_str(data, "languageId") or ""
         stream = bool(opt_bool(data, "stream"))
@@ -260,11 +277,13 @@ class FireworksProvider:
         stop = opt_str_list(data, "stop")
         if stop:
             upstream["stop"] = stop
+        if chat:
+            upstream.update(passthrough(data, CHAT_PASSTHROUGH_FIELDS))
 
         if prompt:
             flat = prompt
         else:
-            flat = "".join(m["content"] + "\n" for m in messages or ())
+            flat = "".join(text + "\n" for text in texts)
         traced = headers.get("X-Fireworks-Genie", "").strip() == "true"
         call = FireworksCall(
             UpstreamRequest(
@@ -272,9 +291,15 @@ class FireworksProvider:
                 headers=self._traced_headers if traced else self._headers,
                 body=json_body(upstream),
             ),
-            CallInfo(model=model, stream=stream, metadata={"stream": stream}, max_tokens=max_tokens),
+            CallInfo(
+                model=model,
+                stream=stream,
+                metadata={"stream": stream},
+                max_tokens=max_tokens,
+                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS) if len(raw_data) > len(data) else (),
+            ),
             FlagInput(model=unresolved, prompt=flat, max_tokens=max_tokens or 0, uses_tokenizer=False),
-            prompt_chars=len(prompt) if prompt else sum(len(m["content"]) for m in messages or ()),
+            prompt_chars=len(prompt) if prompt else sum(len(t) for t in texts),
             prompt_text=flat,
         )
         call.traced = traced

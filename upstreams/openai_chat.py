@@ -1,14 +1,22 @@
 """OpenAI chat completions: POST /v1/completions/openai (and the SDK-compatible
 POST /openai/v1/chat/completions) -> {api_url}/v1/chat/completions.
 
-Reference section 4.4, with these deliberate fixes:
+Reference section 4.4, with these deliberate fixes and extensions (SPEC point 13):
 - zero values the client sent are forwarded, not dropped;
-- ``content`` may be a string or a list of text parts (what the official SDK
-  may send); other part types get a clear 400 instead of being half-dropped;
+- ``content`` may be a string or a list of parts: text parts are forwarded as
+  ``{"type": "text", "text": ...}`` (as before), other parts (``image_url``,
+  ``input_audio``, ``file``, ``refusal``) as sent, after a structure check;
+  ``tool`` messages (``tool_call_id``) and assistant ``tool_calls`` are kept;
   ``stop`` may be a string or a list, as the API allows;
-- ``max_completion_tokens`` (the API's current name) and ``stream_options``
-  are known fields: a client that asks for streamed usage gets it, and then
-  the count is the provider's own;
+- the documented request fields (``PASSTHROUGH_FIELDS``: tools,
+  response_format, reasoning_effort, ...) are forwarded; unknown ones are
+  dropped as the reference does and reported in ``CallInfo.dropped_fields``;
+- streams always ask the upstream for usage (``stream_options.include_usage``);
+  when the client did not ask for it, the usage-only chunk (and the
+  ``"usage":null`` the upstream then adds to every chunk) is removed from what
+  is relayed, so the client sees what it would have seen while the event
+  carries the provider's exact counts (reasoning tokens included);
+- ``n`` is capped at ``providers.openai.max_choices`` (1, as in the reference);
 - completion characters are counted from ``message.content`` (the reference
   read a field that does not exist, so it counted 0);
 - a stream without a usage chunk is counted with the offline tokenizer, never -1.
@@ -16,6 +24,7 @@ Reference section 4.4, with these deliberate fixes:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +36,8 @@ from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.buffered_call import BufferedCall, at_least_one
 from upstreams.decode import (
+    check_nesting,
+    dropped_fields,
     known_fields,
     opt_bool,
     opt_int,
@@ -39,14 +50,45 @@ from upstreams.decode import (
 )
 
 PROVIDER = "openai"
-REQUEST_FIELDS = (
+CORE_FIELDS = (
     "model", "messages", "temperature", "top_p", "n", "stream", "stop", "max_tokens",
     "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "user",
     "stream_options",
 )
+# The other request fields of the Chat Completions API, forwarded as sent
+# (after a structure check), in this order after the core ones. They follow
+# the API as documented on 2026-12-01 (openai SDK 3.63.0,
+# CompletionCreateParams). ``user`` is always the gateway's identifier.
+PASSTHROUGH_FIELDS: dict[str, type] = {
+    "tools": list,
+    "tool_choice": object,
+    "parallel_tool_calls": bool,
+    "response_format": dict,
+    "reasoning_effort": str,
+    "verbosity": str,
+    "seed": int,
+    "logprobs": bool,
+    "top_logprobs": int,
+    "prediction": dict,
+    "modalities": list,
+    "audio": dict,
+    "service_tier": str,
+    "store": bool,
+    "metadata": dict,
+    "web_search_options": dict,
+    "prompt_cache_key": str,
+    "prompt_cache_retention": str,
+    "safety_identifier": str,
+    "functions": list,
+    "function_call": object,
+}
+REQUEST_FIELDS = CORE_FIELDS + tuple(PASSTHROUGH_FIELDS)
+MAX_PARTS = 10_000
+MAX_TOOLS = 2_000
+_KINDS = {list: "a list", dict: "an object", str: "a string", bool: "a boolean", int: "an integer"}
 
 
-def _content(value: Any, path: str) -> tuple[Any, str]:
+def message_content(value: Any, path: str) -> tuple[Any, str]:
     """(what to forward, its text) for a message's content."""
     if value is None:
         return "", ""
@@ -54,14 +96,57 @@ def _content(value: Any, path: str) -> tuple[Any, str]:
         return value, value
     if not isinstance(value, list):
         raise BadRequest(f"failed to parse request body: field {path!r} must be a string or a list of parts")
-    parts: list[dict[str, str]] = []
+    if len(value) > MAX_PARTS:
+        raise BadRequest(f"failed to parse request body: field {path!r} has more than {MAX_PARTS} parts")
+    parts: list[dict[str, Any]] = []
+    texts: list[str] = []
     for i, raw in enumerate(value):
-        part = require_object(raw, f"{path}[{i}]")
-        kind = opt_str(part, "type", f"{path}[{i}].type") or "text"
-        if kind != "text":
-            raise BadRequest(f"content part type {kind!r} is not supported by the gateway")
-        parts.append({"type": "text", "text": opt_str(part, "text", f"{path}[{i}].text") or ""})
-    return parts, "".join(p["text"] for p in parts)
+        where = f"{path}[{i}]"
+        part = require_object(raw, where)
+        kind = opt_str(part, "type", f"{where}.type") or "text"
+        if kind == "text":
+            text = opt_str(part, "text", f"{where}.text") or ""
+            out: dict[str, Any] = {"type": "text", "text": text}
+            for key, extra in part.items():
+                if key not in ("type", "text"):
+                    out[key] = extra
+            if len(out) > 2:
+                check_nesting(out, where)
+            parts.append(out)
+            texts.append(text)
+            continue
+        if len(kind) > 64:
+            raise BadRequest(f"failed to parse request body: field '{where}.type' is too long")
+        check_nesting(part, where)
+        parts.append(part)
+    return parts, "".join(texts)
+
+
+def passthrough(data: Mapping[str, Any], fields: Mapping[str, type]) -> dict[str, Any]:
+    """The fields of ``fields`` present in ``data``, type- and nesting-checked."""
+    out: dict[str, Any] = {}
+    if not any(key in fields for key in data):
+        return out
+    for key, expected in fields.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        wrong = expected is not object and (
+            not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+        )
+        if wrong:
+            raise BadRequest(
+                f"failed to parse request body: field {key!r} must be {_KINDS[expected]}, not {type(value).__name__}"
+            )
+        check_nesting(value, key)
+        out[key] = value
+    tools = out.get("tools")
+    if tools is not None:
+        if len(tools) > MAX_TOOLS:
+            raise BadRequest(f"failed to parse request body: field 'tools' has more than {MAX_TOOLS} tools")
+        for i, tool in enumerate(tools):
+            require_object(tool, f"tools[{i}]")
+    return out
 
 
 def _stop(data: Mapping[str, Any]) -> str | list[str] | None:
@@ -83,34 +168,133 @@ def _logit_bias(data: Mapping[str, Any]) -> dict[str, Any] | None:
     return bias
 
 
-class OpenAIChatCall(BufferedCall):
+def message_extras(msg: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """``tool_calls`` (assistant) and ``tool_call_id`` (tool), checked, to forward."""
+    out: dict[str, Any] = {}
+    if "tool_calls" not in msg and "tool_call_id" not in msg:
+        return out
+    tool_calls = msg.get("tool_calls")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list):
+            raise BadRequest(f"failed to parse request body: field '{path}.tool_calls' must be a list")
+        for i, call in enumerate(tool_calls):
+            require_object(call, f"{path}.tool_calls[{i}]")
+        check_nesting(tool_calls, f"{path}.tool_calls")
+        out["tool_calls"] = tool_calls
+    tool_call_id = opt_str(msg, "tool_call_id", f"{path}.tool_call_id")
+    if tool_call_id is not None:
+        out["tool_call_id"] = tool_call_id
+    return out
+
+
+def is_final_usage_event(event: Mapping[str, Any]) -> bool:
+    """A stream chunk whose usage is final: the usage-only chunk (no choices) or a
+    chunk that finishes a choice. Usage on any other chunk is a running count."""
+    choices = event.get("choices")
+    if not choices:
+        return True
+    if isinstance(choices, list):
+        return any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+    return False
+
+
+class OpenAIStyleCall(BufferedCall):
+    """OpenAI-shaped streams and bodies (OpenAI and Fireworks chat)."""
+
     def _on_event(self, name: bytes, data: bytes) -> None:
         event = self._json(data)
         if event is None:
             return
         if self._took_error(event, "choices"):
             return
-        choices = event.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                text = delta.get("content") if isinstance(delta, dict) else None
-                if isinstance(text, str):
-                    self._add_text(text)
-        self._read_usage(event.get("usage"))
+        self._read_choices(event.get("choices"), "delta")
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self._read_openai_usage(usage, final=is_final_usage_event(event))
 
     def _on_body(self, data: dict[str, Any]) -> None:
-        choices = data.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                message = choice.get("message") if isinstance(choice, dict) else None
-                text = message.get("content") if isinstance(message, dict) else None
-                self._add_text(text if isinstance(text, str) else "")
+        self._read_choices(data.get("choices"), "message")
+        if self._usage.completion_chars is None:
+            self._usage.completion_chars = 0
         self._read_usage(data.get("usage"))
+
+    def _read_choices(self, choices: Any, message_key: str) -> None:
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            text = choice.get("text")
+            if isinstance(text, str):
+                self._add_text(text)
+            message = choice.get(message_key)
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                self._add_text(content)
+            elif message_key == "message":
+                self._add_text("")
+            tool_calls = message.get("tool_calls")
+            if isinstance(tool_calls, list):
+                for call in tool_calls:
+                    function = call.get("function") if isinstance(call, dict) else None
+                    arguments = function.get("arguments") if isinstance(function, dict) else None
+                    if isinstance(arguments, str):
+                        self._add_text(arguments)
+
+
+class OpenAIChatCall(OpenAIStyleCall):
+    # True when the gateway asked for stream usage the client did not ask for:
+    # the usage-only chunk (and "usage":null on every chunk) is not relayed.
+    strip_usage = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        super().feed(chunk)
+        if not self.strip_usage:
+            return None
+        data = self._pending + chunk if self._pending else chunk
+        end = _last_event_end(data)
+        if end < len(data):
+            # Only whole events are relayed (an event is filtered as a whole).
+            self._pending = data[end:]
+            data = data[:end]
+        else:
+            self._pending = b""
+        if b'"usage"' not in data:
+            return data
+        return _strip_usage(data)
 
     def stream_error_event(self, message: str) -> bytes:
         payload = orjson.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
         return b"data: " + payload + b"\n\n"
+
+
+_EVENT_SPLIT = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
+
+
+def _last_event_end(data: bytes) -> int:
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _strip_usage(data: bytes) -> bytes:
+    """Whole SSE events minus the usage-only chunk and the ``"usage":null`` members."""
+    out: list[bytes] = []
+    for event in _EVENT_SPLIT.split(data):
+        if not event:
+            continue
+        if b'"usage":{' in event.replace(b'"usage": {', b'"usage":{') and (
+            b'"choices":[]' in event or b'"choices": []' in event
+        ):
+            continue
+        out.append(event.replace(b',"usage":null', b"").replace(b', "usage": null', b""))
+    return b"".join(out)
 
 
 class OpenAIChatProvider:
@@ -125,6 +309,7 @@ class OpenAIChatProvider:
         if config.org_id:
             self._headers["OpenAI-Organization"] = config.org_id
         self._max_messages = max_messages
+        self._max_choices = config.max_choices
         self.allowed_models = tuple(f"{PROVIDER}/{m}" for m in config.allowed_models)
 
     def virtual_models(self) -> dict[str, frozenset[str]]:
@@ -133,7 +318,8 @@ class OpenAIChatProvider:
     def parse(
         self, body: bytes, *, feature: str, identifier: str, headers: Mapping[str, str]
     ) -> OpenAIChatCall:
-        data = known_fields(parse_body(body), REQUEST_FIELDS)
+        raw_data = parse_body(body)
+        data = known_fields(raw_data, REQUEST_FIELDS)
         if feature == CODE_COMPLETIONS:
             raise BadRequest(f'feature "{feature}" is currently not supported for OpenAI')
         raw_messages = opt_list(data, "messages") or []
@@ -143,11 +329,20 @@ class OpenAIChatProvider:
         texts: list[str] = []
         for i, raw in enumerate(raw_messages):
             msg = require_object(raw, f"messages[{i}]")
-            content, text = _content(msg.get("content"), f"messages[{i}].content")
+            raw_content = msg.get("content")
+            if isinstance(raw_content, str):
+                content, text = raw_content, raw_content
+            else:
+                content, text = message_content(raw_content, f"messages[{i}].content")
             out: dict[str, Any] = {"role": opt_str(msg, "role", f"messages[{i}].role") or "", "content": content}
             name = opt_str(msg, "name", f"messages[{i}].name")
             if name:
                 out["name"] = name
+            if "tool_calls" in msg or "tool_call_id" in msg:
+                extras = message_extras(msg, f"messages[{i}]")
+                if raw_content is None and "tool_calls" in extras:
+                    out["content"] = None
+                out.update(extras)
             messages.append(out)
             texts.append(text)
 
@@ -157,12 +352,13 @@ class OpenAIChatProvider:
         n = at_least_one(opt_int(data, "n"), "n")
         max_tokens = at_least_one(opt_int(data, "max_tokens"), "max_tokens")
         max_completion_tokens = at_least_one(opt_int(data, "max_completion_tokens"), "max_completion_tokens")
+        extra = passthrough(data, PASSTHROUGH_FIELDS)
         upstream: dict[str, Any] = {"model": model, "messages": messages}
         for key, value in (
             ("temperature", opt_number(data, "temperature")),
             ("top_p", opt_number(data, "top_p")),
             # More than one choice would multiply the cost of one admitted request.
-            ("n", None if n is None else min(n, 1)),
+            ("n", None if n is None else min(n, self._max_choices)),
             ("stop", _stop(data)),
             ("max_tokens", max_tokens),
             ("max_completion_tokens", max_completion_tokens),
@@ -172,20 +368,31 @@ class OpenAIChatProvider:
         ):
             if value is not None:
                 upstream[key] = value
+        client_wants_usage = False
         if stream:
             upstream["stream"] = True
             options = opt_object(data, "stream_options")
             include_usage = None if options is None else opt_bool(options, "include_usage", "stream_options.include_usage")
-            if include_usage is not None:
-                upstream["stream_options"] = {"include_usage": include_usage}
+            client_wants_usage = include_usage is True
+            # Always asked for: the provider's own counts, hidden reasoning tokens included.
+            upstream["stream_options"] = {"include_usage": True}
         upstream["user"] = identifier
+        upstream.update(extra)
 
         prompt = "".join(text + "\n" for text in texts)
         limit = max_completion_tokens if max_completion_tokens is not None else max_tokens
-        return OpenAIChatCall(
+        call = OpenAIChatCall(
             UpstreamRequest(url=self._url, headers=self._headers, body=json_body(upstream)),
-            CallInfo(model=model, stream=stream, metadata={"stream": stream}, max_tokens=limit),
+            CallInfo(
+                model=model,
+                stream=stream,
+                metadata={"stream": stream},
+                max_tokens=limit,
+                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS) if len(raw_data) > len(data) else (),
+            ),
             FlagInput(model=model, prompt=prompt, max_tokens=limit or 0, uses_tokenizer=False),
             prompt_chars=sum(len(t) for t in texts),
             prompt_text=prompt,
         )
+        call.strip_usage = stream and not client_wants_usage
+        return call
