@@ -52,7 +52,7 @@ async def serve(
 
     from handlers.http_server import BoundedHTTPServer
 
-    from wiring import StartupError, build_gateway
+    from composition import StartupError, build_gateway
 
     try:
         sockets = sockets or _bind(config)
@@ -176,7 +176,7 @@ def run_workers(config: Config) -> int:
                 if other != index:
                     for sock in group:
                         sock.close()
-            from wiring import StartupError
+            from composition import StartupError
 
             try:
                 _use_uvloop()
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             await serve(config)
 
-    from wiring import StartupError
+    from composition import StartupError
 
     try:
         asyncio.run(run())

@@ -34,7 +34,7 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("actors/", "gateway: actors"),
     ("conf/", "gateway: conf"),
     ("gateway.py", "gateway: entry"),
-    ("wiring.py", "gateway: entry"),
+    ("composition.py", "gateway: entry"),
     ("tornado/curl_httpclient", "tornado curl client"),
     ("tornado/", "tornado"),
     ("pycurl", "pycurl"),

@@ -61,7 +61,3 @@ class AttributionHandler(BodyHandler):
     async def post(self) -> None:
         snippet, limit = parse_request(self.body())
         self.write_json(200, await self.attribution.search(snippet, limit))
-
-
-def attribution_routes(attribution: AttributionSearch) -> list[tuple[str, type[AttributionHandler], dict[str, Any]]]:
-    return [(r"/v1/attribution", AttributionHandler, {"attribution": attribution})]

@@ -24,7 +24,7 @@ from actors.limits import evaluate_allowed_models, is_model_allowed
 from actors.model import EMBEDDINGS, Actor
 from errors import BadRequest, Forbidden
 from handlers.admission import LimitedRequest, rate_limit_headers, rejection
-from handlers.base import BaseHandler, DisabledRouteHandler, UpstreamHandler
+from handlers.base import BaseHandler, UpstreamHandler
 from handlers.services import Services
 from telemetry.record import Outcome
 from usage import events as ev
@@ -81,26 +81,22 @@ class Embeddings:
         return evaluate_allowed_models(rate_limit.allowed_models, self.master_allowlist)
 
 
-def embedding_routes(services: Services) -> list[tuple[str, type[BaseHandler], dict[str, Any]]]:
-    """The embeddings routes, present when at least one embeddings provider has credentials."""
+# The variables that enable embeddings, for the log line and the disabled routes' 404.
+EMBEDDINGS_VARIABLES = "CODY_GATEWAY_OPENAI_ACCESS_TOKEN or CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN"
+EMBEDDINGS_DISABLED = f"embeddings are disabled on this gateway: set {EMBEDDINGS_VARIABLES} to enable them"
+
+
+def build_embeddings(services: Services) -> Embeddings | None:
+    """The embeddings catalogue and clients, or None when no embeddings provider has credentials."""
     config = services.config
     if not config.providers.openai.access_token and not config.providers.sourcegraph_embeddings.access_token:
-        variables = "CODY_GATEWAY_OPENAI_ACCESS_TOKEN or CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN"
-        log.warning("embeddings are disabled: no access token (%s)", variables)
-        message = f"embeddings are disabled on this gateway: set {variables} to enable them"
-        return [
-            (path, DisabledRouteHandler, {"message": message})
-            for path in (r"/v1/embeddings", r"/v1/embeddings/models", r"/openai/v1/embeddings")
-        ]
+        log.warning("embeddings are disabled: no access token (%s)", EMBEDDINGS_VARIABLES)
+        return None
     embeddings = Embeddings(services)
     for provider, env in (("openai", "CODY_GATEWAY_OPENAI_ACCESS_TOKEN"), ("sourcegraph", "CODY_GATEWAY_SOURCEGRAPH_EMBEDDINGS_API_TOKEN")):
         if provider not in embeddings.clients:
             log.warning("embeddings from %s are disabled: no access token (%s)", provider, env)
-    return [
-        (r"/v1/embeddings", EmbeddingsHandler, {"embeddings": embeddings}),
-        (r"/v1/embeddings/models", EmbeddingModelsHandler, {"embeddings": embeddings}),
-        (r"/openai/v1/embeddings", EmbeddingsHandler, {"embeddings": embeddings, "sdk_route": True}),
-    ]
+    return embeddings
 
 
 class EmbeddingModelsHandler(BaseHandler):

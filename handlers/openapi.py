@@ -43,8 +43,3 @@ class OpenAPIHandler(BaseHandler):
         self.finish(self.document)
 
     head = get
-
-
-def openapi_route() -> tuple[str, type[OpenAPIHandler], dict[str, Any]]:
-    """The route for make_app; reads openapi.yaml now (at start)."""
-    return (r"/openapi.json", OpenAPIHandler, {"document": load_openapi()})

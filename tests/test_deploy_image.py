@@ -148,7 +148,7 @@ def test_image_holds_the_product_only_and_runs_as_non_root(gateway_image: str) -
     # Every package of the product reached the image (whatever was added or renamed since).
     packages = {p.parent.name for p in REPO.glob("*/__init__.py")} - NOT_PRODUCT
     assert packages <= top_level, packages - top_level
-    assert {"gateway.py", "wiring.py", "openapi.yaml"} <= top_level
+    assert {"gateway.py", "composition.py", "openapi.yaml"} <= top_level
     # Of the test doubles, only the provider the demo runs.
     assert set(fakes.split()) - {"__pycache__"} == {"__init__.py", "provider.py"}
     major, minor = map(int, re.search(r"Python (\d+)\.(\d+)", version).groups())  # type: ignore[union-attr]

@@ -23,7 +23,7 @@ from errors import GatewayError
 from tests.test_fuzz_support import counted, examples, fuzz_summary  # noqa: F401  (fixture)
 from upstreams.base import Provider
 from upstreams.decode import opt_int, opt_number
-from upstreams.registry import completion_routes
+from upstreams.registry import build_providers
 
 ENV = {
     "CODY_GATEWAY_ANTHROPIC_ACCESS_TOKEN": "k-anthropic",
@@ -35,10 +35,7 @@ ENV = {
 
 
 def providers() -> list[tuple[str, Provider]]:
-    seen: dict[int, tuple[str, Provider]] = {}
-    for route in completion_routes(load_config(None, environ=ENV)):
-        seen.setdefault(id(route.provider), (route.path, route.provider))
-    return list(seen.values())
+    return list(build_providers(load_config(None, environ=ENV)).items())
 
 
 PROVIDERS = providers()
@@ -203,23 +200,23 @@ def test_typed_helpers_return_forwardable_values(value: Any) -> None:
 
 
 NEGATIVE_MAX_TOKENS = {
-    "/v1/completions/anthropic-messages": {"model": "m", "max_tokens": -7, "messages": [{"role": "user", "content": "hi"}]},
-    "/v1/completions/anthropic": {"model": "m", "max_tokens_to_sample": -7, "prompt": "\n\nHuman: hi\n\nAssistant:"},
-    "/v1/completions/openai": {"model": "m", "max_tokens": -7, "messages": [{"role": "user", "content": "hi"}]},
-    "/v1/completions/fireworks": {"model": "m", "max_tokens": -7, "prompt": "def f():"},
-    "/v1/completions/google": {"model": "m", "contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": -7}},
+    "anthropic-messages": {"model": "m", "max_tokens": -7, "messages": [{"role": "user", "content": "hi"}]},
+    "anthropic": {"model": "m", "max_tokens_to_sample": -7, "prompt": "\n\nHuman: hi\n\nAssistant:"},
+    "openai": {"model": "m", "max_tokens": -7, "messages": [{"role": "user", "content": "hi"}]},
+    "fireworks": {"model": "m", "max_tokens": -7, "prompt": "def f():"},
+    "google": {"model": "m", "contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": -7}},
 }
 
 
 @pytest.mark.parametrize(
-    "path",
+    "name",
     [
-        pytest.param(path)
-        for path in NEGATIVE_MAX_TOKENS
+        pytest.param(name)
+        for name in NEGATIVE_MAX_TOKENS
     ],
 )
-def test_negative_max_tokens_is_a_400(path: str) -> None:
-    provider = {p: prov for p, prov in PROVIDERS}[path]
+def test_negative_max_tokens_is_a_400(name: str) -> None:
+    provider = dict(PROVIDERS)[name]
     with pytest.raises(GatewayError) as info:
-        provider.parse(orjson.dumps(NEGATIVE_MAX_TOKENS[path]), feature="chat_completions", identifier="a:b", headers={})
+        provider.parse(orjson.dumps(NEGATIVE_MAX_TOKENS[name]), feature="chat_completions", identifier="a:b", headers={})
     assert info.value.status == 400

@@ -1,21 +1,19 @@
-"""Which completion routes exist, given which providers have credentials.
+"""The providers, by name, built once from the config.
 
-A provider without an access token is disabled: its routes are not
-registered (they answer 404) and that is logged once at start.
+A provider without an access token is disabled: it is not built, and that
+is logged once at start. The route table (composition.py) maps paths to
+these names; nothing here knows a path.
 
-    /v1/completions/anthropic            Anthropic text completions (legacy)   ANTHROPIC_ACCESS_TOKEN
-    /v1/completions/anthropic-messages   Anthropic Messages                    ANTHROPIC_ACCESS_TOKEN
-    /anthropic/v1/messages               same, for the Anthropic SDK           ANTHROPIC_ACCESS_TOKEN
-    /v1/completions/openai               OpenAI chat completions               OPENAI_ACCESS_TOKEN
-    /openai/v1/chat/completions          same, for the OpenAI SDK              OPENAI_ACCESS_TOKEN
-    /v1/completions/fireworks            Fireworks (chat or text by feature)   FIREWORKS_ACCESS_TOKEN
-    /v1/completions/google               Google Gemini                         GOOGLE_ACCESS_TOKEN
+    anthropic            Anthropic text completions (legacy)   CODY_GATEWAY_ANTHROPIC_ACCESS_TOKEN
+    anthropic-messages   Anthropic Messages                    CODY_GATEWAY_ANTHROPIC_ACCESS_TOKEN
+    openai               OpenAI chat completions               CODY_GATEWAY_OPENAI_ACCESS_TOKEN
+    fireworks            Fireworks (chat or text by feature)   CODY_GATEWAY_FIREWORKS_ACCESS_TOKEN
+    google               Google Gemini                         CODY_GATEWAY_GOOGLE_ACCESS_TOKEN
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from conf.model import Config
 from upstreams.anthropic_legacy import AnthropicLegacyProvider
@@ -27,77 +25,41 @@ from upstreams.openai_chat import OpenAIChatProvider
 
 log = logging.getLogger("gateway")
 
-
-@dataclass(frozen=True, slots=True)
-class CompletionRoute:
-    path: str
-    provider: Provider
-    # SDK-compatible twin: feature header optional (defaults to chat), x-api-key accepted.
-    sdk_route: bool = False
-
-
-# The paths each provider serves, for the 404 that names a disabled provider.
-PROVIDER_PATHS: dict[str, tuple[str, ...]] = {
-    "anthropic": ("/v1/completions/anthropic", "/v1/completions/anthropic-messages", "/anthropic/v1/messages"),
-    "openai": ("/v1/completions/openai", "/openai/v1/chat/completions"),
-    "fireworks": ("/v1/completions/fireworks",),
-    "google": ("/v1/completions/google",),
+# Provider name -> the configured provider (providers.<name>) whose access token enables it.
+CONFIGURED_AS = {
+    "anthropic": "anthropic",
+    "anthropic-messages": "anthropic",
+    "openai": "openai",
+    "fireworks": "fireworks",
+    "google": "google",
 }
 
 
-def enabling_variable(provider: str) -> str:
-    return f"CODY_GATEWAY_{provider.upper()}_ACCESS_TOKEN"
+def enabling_variable(configured: str) -> str:
+    return f"CODY_GATEWAY_{configured.upper()}_ACCESS_TOKEN"
 
 
-def _disabled(provider: str) -> None:
-    log.warning("provider %s is disabled: no access token (%s)", provider, enabling_variable(provider))
+def disabled_message(name: str) -> str:
+    """What a route of a disabled provider answers (with 404)."""
+    configured = CONFIGURED_AS[name]
+    return f"provider {configured} is disabled on this gateway: set {enabling_variable(configured)} to enable it"
 
 
-def disabled_routes(config: Config) -> list[tuple[str, str]]:
-    """(path, message) for every completion path whose provider has no access token."""
-    providers = config.providers
-    out: list[tuple[str, str]] = []
-    for name, paths in PROVIDER_PATHS.items():
-        if getattr(providers, name).access_token:
-            continue
-        message = f"provider {name} is disabled on this gateway: set {enabling_variable(name)} to enable it"
-        out += [(path, message) for path in paths]
-    return out
-
-
-def completion_routes(config: Config) -> list[CompletionRoute]:
+def build_providers(config: Config) -> dict[str, Provider]:
+    """Every enabled provider by name; one object per provider, shared by its routes."""
     providers = config.providers
     max_messages = config.server.max_messages
-    routes: list[CompletionRoute] = []
-
-    anthropic = providers.anthropic
-    if anthropic.access_token:
-        messages = AnthropicMessagesProvider(anthropic, max_messages=max_messages)
-        routes += [
-            CompletionRoute("/v1/completions/anthropic", AnthropicLegacyProvider(anthropic)),
-            CompletionRoute("/v1/completions/anthropic-messages", messages),
-            CompletionRoute("/anthropic/v1/messages", messages, sdk_route=True),
-        ]
-    else:
-        _disabled("anthropic")
-
-    openai = providers.openai
-    if openai.access_token:
-        chat = OpenAIChatProvider(openai, max_messages=max_messages)
-        routes += [
-            CompletionRoute("/v1/completions/openai", chat),
-            CompletionRoute("/openai/v1/chat/completions", chat, sdk_route=True),
-        ]
-    else:
-        _disabled("openai")
-
+    built: dict[str, Provider] = {}
+    if providers.anthropic.access_token:
+        built["anthropic"] = AnthropicLegacyProvider(providers.anthropic)
+        built["anthropic-messages"] = AnthropicMessagesProvider(providers.anthropic, max_messages=max_messages)
+    if providers.openai.access_token:
+        built["openai"] = OpenAIChatProvider(providers.openai, max_messages=max_messages)
     if providers.fireworks.access_token:
-        routes.append(CompletionRoute("/v1/completions/fireworks", FireworksProvider(providers.fireworks, max_messages=max_messages)))
-    else:
-        _disabled("fireworks")
-
+        built["fireworks"] = FireworksProvider(providers.fireworks, max_messages=max_messages)
     if providers.google.access_token:
-        routes.append(CompletionRoute("/v1/completions/google", GoogleProvider(providers.google, max_messages=max_messages)))
-    else:
-        _disabled("google")
-    return routes
+        built["google"] = GoogleProvider(providers.google, max_messages=max_messages)
+    for configured in ("anthropic", "openai", "fireworks", "google"):
+        if not getattr(providers, configured).access_token:
+            log.warning("provider %s is disabled: no access token (%s)", configured, enabling_variable(configured))
+    return built

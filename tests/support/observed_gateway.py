@@ -1,6 +1,6 @@
 """The gateway served in-process, on its own event loop thread, for observability tests.
 
-Built by ``wiring.build_gateway``, exactly as ``gateway.serve`` builds it,
+Built by ``composition.build_gateway``, exactly as ``gateway.serve`` builds it,
 with an HTTPServer on 127.0.0.1, so tests can hand the tracer an in-memory
 span exporter and read the metrics registry. Requests go over real HTTP.
 """
@@ -69,7 +69,7 @@ class InProcessGateway:
         from tornado.httpserver import HTTPServer
         from tornado.netutil import bind_sockets
 
-        from wiring import build_gateway
+        from composition import build_gateway
 
         # Global to the test process: put back at teardown for the tests that follow.
         self._saved_client_config = AsyncHTTPClient._save_configuration()
