@@ -109,6 +109,8 @@ class CompletionsHandler(UpstreamHandler):
         info = call.info
         model = record.model = f"{provider.name}/{info.model}"
         record.upstream_model, record.stream, record.max_tokens = info.model, info.stream, info.max_tokens
+        record.dropped_fields = info.dropped_fields
+        record.traced = bool(getattr(call, "traced", False))
         allowed = evaluate_allowed_models(prefix_bare_models(rate_limit.allowed_models, provider.name), provider.allowed_models)
         if not is_model_allowed(model, allowed, provider.virtual_models()):
             raise BadRequest(f'model "{model}" is not allowed, allowed: [{", ".join(allowed)}]')

@@ -179,8 +179,18 @@ class GatewayMetrics:
             ("provider", "feature", "stream", "outcome"), registry=reg,
         )
         self.tokens = Counter(
-            PREFIX + "tokens", "Tokens counted in usage events, by direction.",
-            ("provider", "model", "feature", "direction"), registry=reg,
+            PREFIX + "tokens",
+            "Tokens counted in usage events, by kind: input and output are the totals; cache_read and "
+            "cache_creation are parts of input, reasoning a part of output.",
+            ("provider", "model", "feature", "kind"), registry=reg,
+        )
+        self.dropped_fields = Counter(
+            PREFIX + "dropped_request_fields", "Requests with top-level fields the gateway does not know (dropped, not forwarded).",
+            ("provider",), registry=reg,
+        )
+        self.fireworks_traced = Counter(
+            PREFIX + "fireworks_traced_requests", "Fireworks requests sent with X-Fireworks-Genie (the reference's traced requests).",
+            registry=reg,
         )
         # -- auth and limits ----------------------------------------------------
         self.auth = Counter(
@@ -342,11 +352,11 @@ class GatewayMetrics:
         ]
         return tuple(children)
 
-    def observe_tokens(self, provider: str, model: str, feature: str, input_tokens: int | None, output_tokens: int | None) -> None:
-        if input_tokens:
-            self._child(self.tokens, provider, model, feature, "input").inc(input_tokens)
-        if output_tokens:
-            self._child(self.tokens, provider, model, feature, "output").inc(output_tokens)
+    def observe_tokens(self, provider: str, model: str, feature: str, counts: Iterable[tuple[str, int | None]]) -> None:
+        """``counts``: (kind, tokens) pairs; unknown and zero counts add nothing."""
+        for kind, tokens in counts:
+            if tokens:
+                self._child(self.tokens, provider, model, feature, kind).inc(tokens)
 
     def upstream_started(self, provider: str, feature: str) -> None:
         self._child(self.concurrent_upstream, provider, feature).inc()

@@ -50,6 +50,7 @@ class RequestRecord:
         "decision", "attempts", "upstream_started", "upstream_ended", "upstream_status",
         "ttfb_s", "chunks", "outcome",
         "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens", "reasoning_tokens",
+        "dropped_fields", "traced",
         "status", "error",
     )  # fmt: skip
 
@@ -91,6 +92,10 @@ class RequestRecord:
         self.cache_read_tokens: int | None = None
         self.cache_creation_tokens: int | None = None
         self.reasoning_tokens: int | None = None
+        # Top-level request fields the provider module did not know (dropped), and
+        # whether the call was a traced one (Fireworks' X-Fireworks-Genie).
+        self.dropped_fields: tuple[str, ...] = ()
+        self.traced = False
         self.status = 200
         self.error: str | None = None
 

@@ -45,6 +45,8 @@ T = TypeVar("T")
 QUOTA = "quota"
 _MAX_TEXT = 200
 _SAMPLE_INTERVAL_MS = 5000
+# Distinct unknown field names logged at most (each once).
+_MAX_DROPPED_NAMES = 1000
 
 
 def build_metrics(config: Config, version: str) -> GatewayMetrics:
@@ -83,6 +85,7 @@ class RequestTelemetry:
         self.sentry = sentry
         self.notifier = notifier
         self.hook_errors = 0
+        self._dropped_seen: set[str] = set()
 
     # -- around the pipeline's awaits -------------------------------------------------
 
@@ -166,9 +169,17 @@ class RequestTelemetry:
         reached_upstream = upstream_s is not None
         admitted = record.decision is not None
         if admitted or record.input_tokens is not None:
-            metrics.observe_tokens(record.provider, model_label, feature, record.input_tokens, record.output_tokens)
+            metrics.observe_tokens(record.provider, model_label, feature, (
+                ("input", record.input_tokens), ("output", record.output_tokens),
+                ("cache_read", record.cache_read_tokens), ("cache_creation", record.cache_creation_tokens),
+                ("reasoning", record.reasoning_tokens),
+            ))  # fmt: skip
             if admitted and record.operation != "embeddings":
                 self._span_usage(record, feature, model_label, now)
+        if record.dropped_fields:
+            self._dropped_fields(record)
+        if record.traced:
+            metrics.fireworks_traced.inc()
         facts = RequestFacts(
             route=record.route,
             status=record.status,
@@ -206,6 +217,9 @@ class RequestTelemetry:
             max_tokens=record.max_tokens,
             input_tokens=record.input_tokens,
             output_tokens=record.output_tokens,
+            cache_read_tokens=record.cache_read_tokens,
+            cache_creation_tokens=record.cache_creation_tokens,
+            reasoning_tokens=record.reasoning_tokens,
         )
         upstream_status = record.upstream_status
         request_attributes: dict[str, Any] = {
@@ -308,6 +322,15 @@ class RequestTelemetry:
         if notifier is None or decision is None or decision.limit <= 0:
             return
         notifier.notify(actor, feature, (decision.limit - max(0, decision.remaining)) / decision.limit, decision.reset_s)
+
+    def _dropped_fields(self, record: RequestRecord) -> None:
+        """Counted by provider (field names are the client's choice: never a label); each new name logged once."""
+        self.metrics.dropped_fields.labels(record.provider).inc()
+        seen = self._dropped_seen
+        new = [name for name in record.dropped_fields if name not in seen]
+        if new and len(seen) < _MAX_DROPPED_NAMES:
+            seen.update(new)
+            log.info("dropped request fields the gateway does not know (%s): %s", record.provider, ", ".join(new))
 
     def _hook_failed(self, hook: str) -> None:
         self.hook_errors += 1

@@ -247,6 +247,9 @@ def genai_attributes(
     max_tokens: int | None = None,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
+    cache_read_tokens: int | None = None,
+    cache_creation_tokens: int | None = None,
+    reasoning_tokens: int | None = None,
 ) -> dict[str, Any]:
     """OpenTelemetry GenAI semantic-convention attributes for one model call.
 
@@ -269,6 +272,13 @@ def genai_attributes(
         attributes["gen_ai.usage.input_tokens"] = input_tokens
     if output_tokens is not None:
         attributes["gen_ai.usage.output_tokens"] = output_tokens
+    # Parts of the totals above, named as in the current GenAI semantic conventions.
+    if cache_read_tokens is not None:
+        attributes["gen_ai.usage.cache_read.input_tokens"] = cache_read_tokens
+    if cache_creation_tokens is not None:
+        attributes["gen_ai.usage.cache_creation.input_tokens"] = cache_creation_tokens
+    if reasoning_tokens is not None:
+        attributes["gen_ai.usage.reasoning.output_tokens"] = reasoning_tokens
     return attributes
 
 

@@ -105,8 +105,8 @@ def test_metrics_count_a_known_mix_of_requests(gw: InProcessGateway) -> None:
     assert value(samples, "cody_gateway_stream_chunks_total", **chat) >= 6
     tokens = "cody_gateway_tokens_total"
     model = f"anthropic/{MODEL}"
-    assert value(samples, tokens, provider="anthropic", model=model, feature="chat_completions", direction="output") == 3 * 7 + 2 * 5 + 3
-    assert value(samples, tokens, provider="anthropic", model=model, feature="chat_completions", direction="input") > 0
+    assert value(samples, tokens, provider="anthropic", model=model, feature="chat_completions", kind="output") == 3 * 7 + 2 * 5 + 3
+    assert value(samples, tokens, provider="anthropic", model=model, feature="chat_completions", kind="input") > 0
     # No series ever names a model outside the allowlist.
     assert not any("not-a-real-model" in str(labels) for _, labels in samples)
 
@@ -243,7 +243,7 @@ def test_embeddings_and_circuit_breaker_state_are_measured(gw: InProcessGateway)
     assert value(samples, "cody_gateway_latency_overhead_seconds_count", **emb, stream="false") == 1
     assert value(samples, "cody_gateway_completions_total", **emb, stream="false", outcome="complete") == 1
     assert value(samples, "cody_gateway_tokens_total", provider="openai", model="openai/text-embedding-ada-002",
-                 feature="embeddings", direction="input") > 0
+                 feature="embeddings", kind="input") > 0
     assert value(samples, "cody_gateway_limiter_decisions_total", feature="embeddings", outcome="allowed") == 1
     assert value(samples, "cody_gateway_circuit_breaker_open", model=f"anthropic/{MODEL}") == 1
     assert value(samples, "cody_gateway_http_requests_total", route="completions", provider="anthropic", code="503") == 1
