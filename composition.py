@@ -68,8 +68,8 @@ async def build_limiter(config: Config, *, observe_redis: Any = None) -> Limiter
     if not config.redis.endpoint:
         log.info("limiter: in-process (no REDIS_ENDPOINT)")
         return MemoryLimiter()
-    from redisconn.connect import connect
     from limiter.redis_limiter import RedisLimiter
+    from redisconn.connect import connect
 
     client = connect(
         config.redis.endpoint, timeout_ms=config.redis.timeout_ms, max_connections=config.redis.max_connections

@@ -50,9 +50,8 @@ async def serve(
     """Build everything once, serve until SIGTERM/SIGINT, then drain and stop."""
     from tornado.ioloop import PeriodicCallback
 
-    from handlers.http_server import BoundedHTTPServer
-
     from composition import StartupError, build_gateway
+    from handlers.http_server import BoundedHTTPServer
 
     try:
         sockets = sockets or _bind(config)
@@ -202,8 +201,8 @@ def run_workers(config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    for index in range(config.processes):
-        spawn(index)
+    for first in range(config.processes):
+        spawn(first)
     log.info("listening on http://%s:%d (%d worker processes)", config.host, port, config.processes)
     status = 0
     while children:

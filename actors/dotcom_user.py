@@ -20,11 +20,6 @@ from actors.base import (
     TokenDenied,
 )
 from actors.graphql import GraphQLError, GraphQLResponseError
-from actors.model import FEATURES, Actor, RateLimit
-from actors.redis_cache import (
-    DOTCOM_USERS_NAMESPACE,
-    token_key,
-)
 from actors.graphql_source import (
     ACCESS_FIELDS,
     GRAPHQL_LIMIT_FIELDS,
@@ -34,6 +29,11 @@ from actors.graphql_source import (
     encode_actor,
     graphql_rate_limit,
     reset_features,
+)
+from actors.model import FEATURES, Actor, RateLimit
+from actors.redis_cache import (
+    DOTCOM_USERS_NAMESPACE,
+    token_key,
 )
 from actors.tokens import DOTCOM_USER_PREFIX, token_sha256
 

@@ -155,7 +155,7 @@ class SingleFlight(Generic[T]):
         if task is None:
             task = asyncio.ensure_future(factory())
             self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._done(k, t))
+            task.add_done_callback(lambda t: self._done(key, t))
         return await asyncio.shield(task)
 
     def _done(self, key: str, task: asyncio.Task[T]) -> None:

@@ -23,12 +23,6 @@ from actors.base import (
     TokenDenied,
 )
 from actors.graphql import GraphQLError, GraphQLResponseError
-from actors.model import Actor, RateLimit
-from actors.redis_cache import (
-    SUBSCRIPTIONS_NAMESPACE,
-    is_token_key,
-    token_key,
-)
 from actors.graphql_source import (
     ACCESS_FIELDS,
     GRAPHQL_LIMIT_FIELDS,
@@ -40,6 +34,12 @@ from actors.graphql_source import (
     encode_actor,
     graphql_rate_limit,
     reset_features,
+)
+from actors.model import Actor, RateLimit
+from actors.redis_cache import (
+    SUBSCRIPTIONS_NAMESPACE,
+    is_token_key,
+    token_key,
 )
 from actors.tokens import (
     SUBSCRIPTION_PREFIX,
@@ -244,7 +244,7 @@ class ProductSubscriptionSource(CachedGraphQLSource):
         """Delete cached token entries the listing no longer has; leave other keys alone."""
         try:
             keys = await self._cache.full_keys()
-        except Exception as exc:  # noqa: BLE001 - pruning is best effort
+        except Exception as exc:  # pruning is best effort
             log.error("cannot list cached subscription tokens to prune: %s", exc)
             return 0
         stale: list[str] = []

@@ -96,7 +96,7 @@ class RedisActorCache:
     async def get(self, key: str) -> bytes | None:
         try:
             value = await self._redis.get(self._key(key))  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001 - any store failure is a miss
+        except Exception as exc:  # any store failure is a miss
             self._errors.failed("GET", exc)
             return None
         self._errors.ok()
@@ -112,7 +112,7 @@ class RedisActorCache:
                 chunk = [self._key(k) for k in keys[start:start + 500]]
                 values = await self._mget(chunk)
                 out.extend(_as_bytes(v) for v in values)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._errors.failed("MGET", exc)
             return [None] * len(keys)
         self._errors.ok()
@@ -129,7 +129,7 @@ class RedisActorCache:
         ttl = self._ttl if ttl_s is None else max(1, min(self._ttl, int(ttl_s)))
         try:
             await self._redis.set(self._key(key), value, ex=ttl)  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._errors.failed("SET EX", exc)
             return
         self._errors.ok()
@@ -144,7 +144,7 @@ class RedisActorCache:
                 if count % 500 == 0:
                     await pipe.execute()
             await pipe.execute()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._errors.failed("SET EX (pipeline)", exc)
             return
         self._errors.ok()
@@ -158,7 +158,7 @@ class RedisActorCache:
             for key in keys:
                 pipe.delete(self._key(key))
             await pipe.execute()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._errors.failed("DEL", exc)
             return
         self._errors.ok()
@@ -169,7 +169,7 @@ class RedisActorCache:
         try:
             async for key in self._redis.scan_iter(match=self.prefix + "*", count=1000):  # type: ignore[attr-defined]
                 keys.append(key.decode() if isinstance(key, bytes) else str(key))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._errors.failed("SCAN", exc)
             raise
         self._errors.ok()

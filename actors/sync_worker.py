@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 log = logging.getLogger("gateway.actors.sync")
 
@@ -38,11 +39,19 @@ return 0
 """
 
 
+class LockClient(Protocol):
+    """The redis-py calls the lock needs (redis.asyncio.Redis or RedisCluster)."""
+
+    def set(self, name: str, value: str, *, nx: bool, px: int) -> Any: ...
+
+    def register_script(self, script: str) -> Any: ...
+
+
 class SyncWorker:
     def __init__(
         self,
         sync: Callable[[], Awaitable[object]],
-        redis: object | None,
+        redis: LockClient | None,
         *,
         interval_s: float,
         lock_name: str = LOCK_NAME,
@@ -60,8 +69,8 @@ class SyncWorker:
         self._task: asyncio.Task[None] | None = None
         self._lock_errors = False
         if redis is not None:
-            self._extend_script = redis.register_script(_EXTEND_LUA)  # type: ignore[attr-defined]
-            self._release_script = redis.register_script(_RELEASE_LUA)  # type: ignore[attr-defined]
+            self._extend_script: Callable[..., Awaitable[Any]] = redis.register_script(_EXTEND_LUA)
+            self._release_script: Callable[..., Awaitable[Any]] = redis.register_script(_RELEASE_LUA)
         # Observable by tests and metrics.
         self.syncs = 0
         self.skipped = 0
@@ -92,7 +101,7 @@ class SyncWorker:
         if self._redis is not None and self._held_until is not None:
             try:
                 await asyncio.wait_for(self._release(), timeout=RELEASE_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - the lock expires on its own
+            except Exception as exc:  # the lock expires on its own
                 log.warning("could not release the %s lock: %s", self._lock_name, exc)
 
     async def _run(self) -> None:
@@ -100,7 +109,7 @@ class SyncWorker:
             await self.tick()
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=self._interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     async def tick(self) -> bool:
@@ -121,10 +130,10 @@ class SyncWorker:
             return True
         except asyncio.CancelledError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.failures += 1
             log.error("actor source sync did not finish within %.1fs", self._interval)
-        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+        except Exception as exc:  # the next tick tries again
             self.failures += 1
             log.error("actor source sync failed: %s", exc)
         return False
@@ -132,8 +141,9 @@ class SyncWorker:
     async def _acquire(self) -> bool:
         started = self._clock()
         try:
-            ok = await self._redis.set(self._lock_name, self._token, nx=True, px=self._expiry_ms)  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001
+            # Only called with a lock client (tick() checks).
+            ok = await cast(LockClient, self._redis).set(self._lock_name, self._token, nx=True, px=self._expiry_ms)
+        except Exception as exc:
             self._lock_error("acquire", exc)
             return False
         self._lock_ok()
@@ -148,7 +158,7 @@ class SyncWorker:
         started = self._clock()
         try:
             ok = await self._extend_script(keys=[self._lock_name], args=[self._token, self._expiry_ms])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._lock_error("extend", exc)
             return False
         self._lock_ok()
@@ -165,7 +175,7 @@ class SyncWorker:
     async def _release_quietly(self) -> None:
         try:
             await self._release()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
     def _lock_error(self, op: str, exc: BaseException) -> None:

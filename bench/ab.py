@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== A/B: {scenario.name}, {args.rounds} rounds; A = {dirs['A']} {envs['A'] or ''}; B = {dirs['B']} {envs['B'] or ''}")
     print(f"{'figure':<16} {'A median':>10} {'B median':>10} {'B/A':>7}   per round A | B")
     for k in keys:
-        a = [r[k] for r in rows["A"] if r[k] is not None]
-        b = [r[k] for r in rows["B"] if r[k] is not None]
+        a = [v for r in rows["A"] if (v := r[k]) is not None]
+        b = [v for r in rows["B"] if (v := r[k]) is not None]
         ma = statistics.median(a) if a else None
         mb = statistics.median(b) if b else None
         ratio = f"{mb / ma:7.3f}" if ma and mb is not None else "      -"

@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         report.append(f"== compare: {scenario.name} ({scenario.description}); {args.rounds} rounds; gateway processes {args.processes}; {features}")
         if extra_env:
             report.append(f"   gateway env: {extra_env}")
-        for peer in running:
-            report.append(f"   peer {peer.name}: {peer.url} ({peer.kind} requests), pid {peer.pid}")
+        for started in running:
+            report.append(f"   peer {started.name}: {started.url} ({started.kind} requests), pid {started.pid}")
         s = scenario
         loop = f"open loop {s.rate:g}/s" if s.rate else "closed loop"
         length = "one request per connection" if s.per_connection else f"{s.duration_s:g}s + {s.warmup_s:g}s warm-up"
@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         report.append("")
         report += targets(scenario, args.processes, summary)
     finally:
-        for peer in running:
-            peer.stop()
+        for started in running:
+            started.stop()
         stack.stop()
     print("\n".join(report))
     if args.json:

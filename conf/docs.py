@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from conf.loader import _leaves, env_names, load_schema
 
 
-def _default(leaf: dict[str, Any]) -> str:
+def _default(leaf: Mapping[str, Any]) -> str:
     if "default" not in leaf:
         return ""
     value = leaf["default"]

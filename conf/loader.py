@@ -63,9 +63,9 @@ def _leaves(
 ) -> Iterator[tuple[tuple[str, ...], Mapping[str, Any]]]:
     for key, sub in schema.get("properties", {}).items():
         if sub.get("type") == "object" and "properties" in sub:
-            yield from _leaves(sub, path + (key,))
+            yield from _leaves(sub, (*path, key))
         else:
-            yield path + (key,), sub
+            yield (*path, key), sub
 
 
 def env_names(path: tuple[str, ...], leaf: Mapping[str, Any]) -> list[str]:

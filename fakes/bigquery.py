@@ -362,7 +362,7 @@ class FakeBigQuery:
                 for row in tab.rows
             ]
 
-    def event_id_counts(self, **where: str) -> collections.Counter[str]:
+    def event_id_counts(self, **where: str) -> collections.Counter[str | None]:
         return collections.Counter(row.get("event_id") for row in self.rows(**where))
 
     def table_schema(self, project: str, dataset: str, table: str) -> dict[str, Any] | None:

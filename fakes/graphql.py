@@ -21,7 +21,7 @@ import json
 import socket
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import tornado.httpserver
 import tornado.httputil
@@ -31,6 +31,14 @@ import tornado.web
 API_PATH = "/.api/graphql"
 
 Limit = tuple[int, int, list[str]]  # (limit, intervalSeconds, allowedModels)
+
+
+class Plan(TypedDict, total=False):
+    """The per-feature limits add_user and add_subscription take, for passing as ``**plan``."""
+
+    chat: Limit
+    code: Limit
+    embeddings: Limit
 
 
 def relay_user_id(user_id: int) -> str:

@@ -61,6 +61,8 @@ class ManagedProcess:
         self._cond = threading.Condition()
         self._log: IO[bytes] | None = None
         self._reader: threading.Thread | None = None
+        # Bytes when the output goes to log_path, text when _read() collects it.
+        self.proc: subprocess.Popen[Any]
         full_env = {**os.environ, **(env or {})}
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if log_path is not None:
@@ -308,7 +310,8 @@ def write_actors(path: Path, actors: list[dict[str, Any]]) -> Path:
 
 
 def iter_sse(lines: Iterator[bytes]) -> Iterator[tuple[str, str]]:
-    event, data = "", []
+    event = ""
+    data: list[str] = []
     for raw in lines:
         line = raw.decode().rstrip("\r\n")
         if not line:

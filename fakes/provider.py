@@ -231,7 +231,7 @@ def _vector(seed: bytes, dims: int) -> tuple[bytes, bytes]:
     centred = [h - 32767.5 for h in halves]
     norm = math.sqrt(math.fsum(v * v for v in centred))
     floats = array.array("f", [v / norm for v in centred])
-    text = ",".join(["%.9g" % v for v in floats]).encode()
+    text = ",".join([f"{v:.9g}" for v in floats]).encode()
     if sys.byteorder == "big":
         floats.byteswap()
     return text, floats.tobytes()
@@ -284,7 +284,7 @@ class FakeState:
             self.client_disconnects += 1
 
     def next_id(self) -> str:
-        return "%s%012x" % (self._prefix, next(self._ids))
+        return f"{self._prefix}{next(self._ids):012x}"
 
     def count_attempt(self, key: str) -> int:
         if len(self.fail_counts) >= _MAX_FAIL_KEYS and key not in self.fail_counts:
@@ -426,7 +426,7 @@ _ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
 
 def _anthropic_error(status: int) -> bytes:
     kind, message = _ANTHROPIC_ERRORS.get(
-        status, ("invalid_request_error" if status < 500 else "api_error", "fake provider error %d" % status)
+        status, ("invalid_request_error" if status < 500 else "api_error", f"fake provider error {status:d}")
     )
     return _dumps({"type": "error", "error": {"type": kind, "message": message}})
 
@@ -670,7 +670,7 @@ _OPENAI_ERRORS: dict[int, tuple[str, str, str | None]] = {
 
 def _openai_error(status: int) -> bytes:
     kind, message, code = _OPENAI_ERRORS.get(
-        status, ("invalid_request_error" if status < 500 else "server_error", "fake provider error %d" % status, None)
+        status, ("invalid_request_error" if status < 500 else "server_error", f"fake provider error {status:d}", None)
     )
     return _dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
@@ -878,7 +878,7 @@ _GOOGLE_MESSAGES = {
 
 
 def _google_error(status: int) -> bytes:
-    message = _GOOGLE_MESSAGES.get(status, "fake provider error %d" % status)
+    message = _GOOGLE_MESSAGES.get(status, f"fake provider error {status:d}")
     return _dumps({"error": {"code": status, "message": message, "status": _GOOGLE_STATUS.get(status, "UNKNOWN")}})
 
 
@@ -1003,7 +1003,7 @@ class KServeInfer(Wire):
     server = "uvicorn"
 
     def error_body(self, status: int) -> bytes:
-        return _dumps({"error": "fake provider error %d" % status})
+        return _dumps({"error": f"fake provider error {status:d}"})
 
     def render(self, body: dict[str, Any], name: str) -> bytes:
         texts: list[Any] = []
@@ -1266,10 +1266,9 @@ class CompletionHandler(_FakeHandler):
         count = c.tokens if cut is None else min(cut, c.tokens)
         paced = rate > 0
         for i in range(count):
-            if paced and i:
-                # Targets are absolute so sleeping late never accumulates drift.
-                if not await self._pause_until(ready + i / rate):
-                    return
+            # Targets are absolute so sleeping late never accumulates drift.
+            if paced and i and not await self._pause_until(ready + i / rate):
+                return
             event = wire.chunk(c, i)
             self.write(_mangle(event) if faults.malformed and i == 0 else event)
             if paced and not await self._flush():
@@ -1382,7 +1381,7 @@ def make_app(**defaults: Any) -> tornado.web.Application:
     for name, value in defaults.items():
         parse = DIRECTIVES.get(name) or _SERVER_OPTIONS.get(name)
         if parse is None:
-            raise TypeError("unknown fake provider option %r" % name)
+            raise TypeError(f"unknown fake provider option {name!r}")
         (server if name in _SERVER_OPTIONS else directive_defaults)[name] = parse(value)
     state = FakeState(directive_defaults, server["request_log_size"], server["stall_cap_s"])
 
@@ -1417,8 +1416,8 @@ class FakeProvider:
         self.host = host
         self.port = port
         self.state: FakeState = app.settings["fake_state"]
-        shown = "[%s]" % host if ":" in host else host
-        self.base_url = "http://%s:%d" % (shown, port)
+        shown = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{shown}:{port:d}"
 
     async def stop(self) -> None:
         """Stops listening and closes every open connection (ending streams)."""
@@ -1480,7 +1479,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print("fake provider listening on %s" % provider.base_url, flush=True)
+    print(f"fake provider listening on {provider.base_url}", flush=True)
     await stop.wait()
     await provider.stop()
 

@@ -56,7 +56,7 @@ class FakeSentry:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:  # http.server's name
                 raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 body = decode_body(raw, self.headers.get("Content-Encoding", ""))
                 with fake._cond:

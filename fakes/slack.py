@@ -17,7 +17,7 @@ class FakeSlack:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:  # http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with fake._cond:
                     fake.messages.append({"path": self.path, "content_type": self.headers.get("Content-Type"), "json": json.loads(body)})

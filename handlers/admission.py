@@ -27,7 +27,7 @@ log = logging.getLogger("gateway.admission")
 
 def go_time(ts: float) -> str:
     """Go's default time format, which the reference's 429 messages use."""
-    return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+    return dt.datetime.fromtimestamp(int(ts), tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
 
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -36,7 +37,7 @@ MAX_CLIENT_TEXT = 200
 
 
 def rfc3339(ts: float) -> str:
-    return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.fromtimestamp(int(ts), tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -99,8 +100,9 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("X-Trace-Span", record.span_id)
         self.set_header("X-Span", record.span_id)
 
-    def prepare(self) -> None:
+    def prepare(self) -> Awaitable[None] | None:  # Tornado's signature: subclasses may be coroutines
         self.start_span()
+        return None
 
     def finish(self, chunk: Any = None) -> Any:
         # Usage events are journaled before the response's last byte leaves, so a
@@ -289,7 +291,7 @@ class DisabledRouteHandler(BaseHandler):
 
     route_class = "disabled"
 
-    def initialize(self, services: Services, message: str = "", **kwargs: Any) -> None:  # type: ignore[override]
+    def initialize(self, services: Services, message: str = "", **kwargs: Any) -> None:
         super().initialize(services, **kwargs)
         self.message = message
 

@@ -27,7 +27,6 @@ from handlers.admission import LimitedRequest, rate_limit_headers, rejection
 from handlers.base import BaseHandler, UpstreamHandler
 from handlers.services import Services
 from telemetry.record import Outcome
-from usage import events as ev
 from upstreams.decode import known_fields, opt_bool, opt_int, opt_str, parse_body
 from upstreams.embeddings import (
     OPENAI,
@@ -42,6 +41,7 @@ from upstreams.embeddings import (
 )
 from upstreams.embeddings_openai import OpenAIEmbeddingsClient
 from upstreams.embeddings_smega import SmegaEmbeddingsClient
+from usage import events as ev
 
 log = logging.getLogger("gateway.embeddings")
 

@@ -86,7 +86,7 @@ class _Tracked(httputil.HTTPMessageDelegate):
 
 
 class BoundedHTTPServer(HTTPServer):
-    def initialize(self, *args: Any, max_connections: int = 0, **kwargs: Any) -> None:  # type: ignore[override]
+    def initialize(self, *args: Any, max_connections: int = 0, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         self.max_connections = max_connections or derived_max_connections(raise_fd_limit())
         # Connections waiting for their next request, longest-waiting first.

@@ -68,7 +68,7 @@ class _ModelsBase(BaseHandler):
     accepts_api_key_header = True
     provider = "anthropic"
 
-    async def prepare(self) -> None:  # type: ignore[override]
+    async def prepare(self) -> None:
         self.start_span()
         await self.authenticate()
 

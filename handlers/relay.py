@@ -57,11 +57,10 @@ class StreamRelay:
         if not self.first_byte_sent:
             self.first_byte_sent = True
             self._flush()
-        elif self._auto_flush or self._unflushed >= FLUSH_THRESHOLD:
+        elif (self._auto_flush or self._unflushed >= FLUSH_THRESHOLD) and not self._flush_scheduled:
             # Chunks curl delivers in one loop iteration share one flush (one send).
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                IOLoop.current().add_callback(self._flush)
+            self._flush_scheduled = True
+            IOLoop.current().add_callback(self._flush)
         return self._pending + self._unflushed <= self._max_buffer
 
     def in_band_error(self, event: bytes) -> None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actors.chain import SourceChain
+from conf.model import Config
 from handlers.client_address import TrustedProxies
 from handlers.guess_throttle import GuessThrottle
-from conf.model import Config
 from limiter.base import Limiter
 from telemetry.record import NULL_OBSERVER, RequestObserver
 from telemetry.tracing import Tracing

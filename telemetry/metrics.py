@@ -29,8 +29,8 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     GCCollector,
+    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
@@ -64,7 +64,7 @@ NOTIFY_OUTCOMES = ("sent", "failed", "logged")
 
 
 def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None  # noqa: SIM112 - prometheus_client also reads the lowercase name
 
 
 def mark_worker_dead(pid: int) -> None:
@@ -100,7 +100,7 @@ class _CounterFeed:
 
     def __init__(self, child: Any) -> None:
         self.child = child
-        self.last = 0
+        self.last: float = 0
 
     def update(self, value: int | float) -> None:
         delta = value - self.last

@@ -71,7 +71,7 @@ def slack_text(
         link = f"<{dotcom_origin}/site-admin/dotcom/product/subscriptions/{actor_id}|{actor_name or actor_id}>"
     else:
         link = f"`{actor_id}`"
-    reset_at = dt.datetime.fromtimestamp(int((time.time() if now is None else now) + ttl_s), tz=dt.timezone.utc)
+    reset_at = dt.datetime.fromtimestamp(int((time.time() if now is None else now) + ttl_s), tz=dt.UTC)
     return (
         f'The actor {link} from "{source}" has exceeded *{percent}%* of its rate limit quota for `{feature}`. '
         f"The quota will reset in `{format_go_duration(int(ttl_s))}` at `{reset_at.strftime('%Y-%m-%dT%H:%M:%SZ')}`."
@@ -214,7 +214,7 @@ class QuotaNotifier:
             return
         try:
             await self._redis("notify_unlock", self.redis.delete(key))
-        except Exception as exc:  # noqa: BLE001 - the lock expires on its own
+        except Exception as exc:  # the lock expires on its own
             log.warning("could not release the notification lock: %s", type(exc).__name__)
 
     async def _last_bucket(self, key: str) -> int:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How a request that reached an upstream ended (the usage event's ``outcome``)."""
 
     COMPLETE = "complete"

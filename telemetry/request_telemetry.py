@@ -149,7 +149,7 @@ class RequestTelemetry:
             actor = record.actor
             if self.notifier is not None and actor is not None and decision.cause == QUOTA:
                 self.notifier.notify(actor, record.feature or "", 1.0, decision.retry_after_s)
-        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+        except Exception:  # telemetry must never fail a request
             self._hook_failed("rate_limited")
 
     # -- the end ---------------------------------------------------------------------
@@ -157,7 +157,7 @@ class RequestTelemetry:
     def finished(self, record: RequestRecord) -> None:
         try:
             self._finished(record)
-        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+        except Exception:  # telemetry must never fail a request
             self._hook_failed("finished")
 
     def _finished(self, record: RequestRecord) -> None:

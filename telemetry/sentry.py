@@ -25,9 +25,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from telemetry.tracing import current_ids
+
+if TYPE_CHECKING:
+    from sentry_sdk.types import Event, Hint
 
 log = logging.getLogger("gateway.sentry")
 
@@ -170,7 +173,7 @@ class SentryReporter:
     def _record_text(self, record: logging.LogRecord) -> str:
         try:
             text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string must not lose the report
+        except Exception:  # a bad format string must not lose the report
             text = str(record.msg)
         return self.scrub(text[:MAX_TEXT])
 
@@ -199,12 +202,14 @@ class SentryReporter:
             else:
                 sentry_sdk.capture_message(message, level="error", **scope_kwargs)
             self.captured += 1
-        except Exception:  # noqa: BLE001 - reporting must never break a request
+        except Exception:  # reporting must never break a request
             log.debug("sentry capture failed", exc_info=True)
 
-    def _before_send(self, event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
-        for key in ("request", "user", "breadcrumbs", "modules"):
-            event.pop(key, None)
+    def _before_send(self, event: Event, hint: Hint) -> Event | None:
+        event.pop("request", None)
+        event.pop("user", None)
+        event.pop("breadcrumbs", None)
+        event.pop("modules", None)
         scrub = self.scrub
         if isinstance(event.get("message"), str):
             event["message"] = scrub(event["message"][:MAX_TEXT])
@@ -245,5 +250,5 @@ class _SentryLogHandler(logging.Handler):
             return
         try:
             self.reporter.on_log_record(record)
-        except Exception:  # noqa: BLE001 - logging must never raise
+        except Exception:  # logging must never raise
             self.handleError(record)

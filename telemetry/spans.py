@@ -50,7 +50,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
     ) -> None:
         # ReadableSpan's fields, set directly: its __init__ would build a Resource.
         self._name = name
-        self._context = context
+        self._context: SpanContext = context  # always set here, unlike ReadableSpan's optional one
         self._parent = parent
         self._kind = kind
         self._attributes: dict[str, Any] = dict(attributes) if attributes else {}
@@ -170,6 +170,7 @@ class LeanTracer:
             trace_state=parent.trace_state if parent is not None else _EMPTY_STATE,
         )
         span = LeanSpan(name, context, parent, kind, attributes, start_time or time.time_ns(), self)
-        self.processor.on_start(span, parent_context=None)
+        # A LeanSpan stands in for the SDK's Span: the processors only read its ReadableSpan side.
+        self.processor.on_start(span, parent_context=None)  # type: ignore[arg-type]
         return span
 

@@ -24,9 +24,9 @@ conventions (``chat claude-3-haiku``, ``gen_ai.system``, ``gen_ai.usage.*``).
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.error_shapes import error_message
-from tests.conftest import DEFAULT_ACTORS, DIAGNOSTICS_SECRET, TOKEN_A
 from fakes.processes import GatewayProcess, wait_until, write_actors
+from tests.conftest import DEFAULT_ACTORS, DIAGNOSTICS_SECRET, TOKEN_A
+from tests.support.error_shapes import error_message
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"
 

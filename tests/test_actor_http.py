@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import DIAGNOSTICS_SECRET, TOKEN_A, TOKEN_B, actor, limits
-from fakes.graphql import FakeGraphQL, FakeGraphQLThread
+from fakes.graphql import FakeGraphQL, FakeGraphQLThread, Plan
 from fakes.processes import GatewayProcess, wait_until, write_actors
+from tests.conftest import DIAGNOSTICS_SECRET, TOKEN_A, TOKEN_B, actor, limits
 from tests.support.redis_servers import RedisServer
 from tests.test_anthropic_messages import message_body, post
 
@@ -42,7 +42,7 @@ BYOK = token("slk_", "byok")
 
 
 def fixtures(fake: FakeGraphQL) -> None:
-    plan = {"chat": (1000, 3600, ALL), "code": (1000, 3600, ALL)}
+    plan: Plan = {"chat": (1000, 3600, ALL), "code": (1000, 3600, ALL)}
     fake.add_user(ALICE, user_id=42, username="alice", **plan)
     fake.add_subscription("acme-uuid", [ACME], tags=["customer:acme"], **plan)
     fake.add_subscription("byok-uuid", [BYOK], enabled=False)

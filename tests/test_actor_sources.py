@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,7 +31,7 @@ from actors.redis_cache import MemoryActorCache, cache_prefix, token_key
 from actors.sync_worker import LOCK_NAME, SyncWorker
 from conf.model import ActorsConfig
 from errors import ServiceUnavailable, Unauthorized, UpstreamError
-from fakes.graphql import FakeGraphQL
+from fakes.graphql import FakeGraphQL, Plan
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,6 +57,7 @@ def make_config(**overrides: Any) -> ActorsConfig:
         sources=("anonymous", "static", "dotcom-user", "product-subscriptions"),
         allow_anonymous=False,
         static_file="",
+        static_file_optional=False,
         concurrency_limit_percentage=50,
         concurrency_limit_interval=10.0,
         local_cache_ttl=10.0,
@@ -112,7 +113,7 @@ class Env:
         return GraphQLClient(self.http, **args)
 
 
-def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
+def run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(coro_fn())
 
 
@@ -148,7 +149,7 @@ async def environment(
 
 
 def add_alice(fake: FakeGraphQL, *, code_limit: int = 100) -> None:
-    limits = {"chat": (100, 3600, MODELS), "code": (code_limit, 3600, MODELS)}
+    limits: Plan = {"chat": (100, 3600, MODELS), "code": (code_limit, 3600, MODELS)}
     fake.add_user(USER_TOKEN, user_id=123456, username="alice", **limits)
     fake.add_user(USER_TOKEN_2, user_id=123456, username="alice", **limits)
 
@@ -782,7 +783,7 @@ def test_attribution_search() -> None:
             env.fake.attribution = {"totalCount": 0, "limitHit": False, "nodes": []}
             assert await search.search("x", 1) == {"Repositories": None}
 
-            with pytest.raises(ServiceUnavailable, match="^attribution search not enabled$"):
+            with pytest.raises(ServiceUnavailable, match=r"^attribution search not enabled$"):
                 await AttributionSearch(env.graphql, enabled=False).search("x", 1)
             with pytest.raises(ServiceUnavailable):
                 await AttributionSearch(None, enabled=True).search("x", 1)

@@ -10,9 +10,9 @@ import anthropic
 import httpx
 import pytest
 
-from tests.support.error_shapes import error_message
-from tests.conftest import ANTHROPIC_KEY, DIAGNOSTICS_SECRET, TOKEN_A, actor, limits
 from fakes.processes import GatewayProcess, wait_until
+from tests.conftest import ANTHROPIC_KEY, DIAGNOSTICS_SECRET, TOKEN_A, actor, limits
+from tests.support.error_shapes import error_message
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"
@@ -96,7 +96,8 @@ def test_sdk_non_streamed_message(gw: GatewayProcess, fake_provider: Any) -> Non
     expected = direct.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": prompt}])
     raw = sdk(gw).messages.with_raw_response.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": prompt}])
     message = raw.parse()
-    assert message.content[0].text == expected.content[0].text
+    got, want = message.content[0], expected.content[0]
+    assert got.type == "text" and want.type == "text" and got.text == want.text
     assert message.usage.output_tokens == expected.usage.output_tokens == 5
     assert raw.headers["X-Cody-Resolved-Model"] == f"anthropic/{MODEL}"
     assert raw.headers["X-Span"] == raw.headers["X-Trace-Span"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conf.loader import ConfigError, load_config
@@ -42,7 +44,7 @@ def test_generic_environment_names_and_overrides_win() -> None:
     assert config.upstream.max_clients == 77 and config.port == 2
 
 
-def test_every_bad_key_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_every_bad_key_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('typo = 1\n[events]\nsink = "kafka"\n[actors]\nlocal_cache_ttl = "soon"\n')
     with pytest.raises(ConfigError) as info:
@@ -53,7 +55,7 @@ def test_every_bad_key_is_named(tmp_path) -> None:  # type: ignore[no-untyped-de
 
 
 def test_enabled_provider_needs_models() -> None:
-    with pytest.raises(ConfigError, match="providers.openai.allowed_models"):
+    with pytest.raises(ConfigError, match=r"providers\.openai\.allowed_models"):
         load_config(environ={"CODY_GATEWAY_OPENAI_ACCESS_TOKEN": "k", "CODY_GATEWAY_OPENAI_ALLOWED_MODELS": "[]"})
 
 

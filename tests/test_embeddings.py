@@ -8,7 +8,6 @@ from __future__ import annotations
 import array
 import base64
 import json
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,10 +18,10 @@ import httpx
 import openai
 import pytest
 
-from tests.support.error_shapes import error_message
+from fakes.processes import FakeProviderProcess, GatewayProcess, wait_until, write_actors
 from fakes.provider import embedding_vector
 from tests.conftest import DIAGNOSTICS_SECRET, limits
-from fakes.processes import LISTENING, REPO, FakeProviderProcess, GatewayProcess, ManagedProcess, wait_until, write_actors
+from tests.support.error_shapes import error_message
 
 with warnings.catch_warnings():
     # bpe_openai loads its vocabulary through a deprecated importlib API.
@@ -265,7 +264,8 @@ def test_openai_sdk_errors(gw: EmbeddingsGateway) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         sdk(gw).embeddings.create(model="text-embedding-ada-002", input=["fine", ""])
     # The SDK finds our message where it looks for OpenAI's own.
-    assert info.value.body["message"] == "cannot generate embeddings for an empty string"
+    body = info.value.body
+    assert isinstance(body, dict) and body["message"] == "cannot generate embeddings for an empty string"
     assert "cannot generate embeddings for an empty string" in str(info.value)
     with pytest.raises(openai.AuthenticationError):
         sdk(gw, tok="sgd_" + "9" * 64).embeddings.create(model="text-embedding-ada-002", input="x")

@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
-from usage.logger import EventLogger
-from usage.events import Event
-from usage.sinks import BigQuerySink, build_sink
 from fakes.bigquery import FakeBigQuery
 from tests.test_events_logger import events_config, make_event, spool_files, wait_until
+from usage.events import Event
+from usage.logger import EventLogger
+from usage.sinks import BigQuerySink, build_sink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -180,7 +180,7 @@ def test_lost_responses_are_retried_and_deduplicated_by_insert_id(tmp_path: Path
         await logger.stop(5)
         return logger, ids
 
-    logger, ids = asyncio.run(main())
+    _logger, ids = asyncio.run(main())
     assert_exactly_once(bq, ids)
     assert bq.stats()["duplicate_rows"] > 0  # the resends happened and insertId absorbed them
 
@@ -260,7 +260,7 @@ def test_missing_table_without_create_is_retried_not_lost(tmp_path: Path, bq: Fa
         await logger.stop(2)
         return logger, ids
 
-    logger, ids = asyncio.run(main())
+    _logger, ids = asyncio.run(main())
     assert_exactly_once(bq, ids)
 
 

@@ -37,8 +37,8 @@ pytestmark = pytest.mark.timeout(90)
 
 def driver(args: dict[str, Any]) -> None:
     from conf.model import EventsConfig
-    from usage.logger import EventLogger
     from usage.events import Event
+    from usage.logger import EventLogger
     from usage.sinks import build_sink
 
     config = EventsConfig(
@@ -201,7 +201,7 @@ def jsonl_counts(path: Path) -> Counter[str]:
     return Counter(orjson.loads(line)["event_id"] for line in lines if line)
 
 
-def assert_once(counts: Counter[str], ids: list[str]) -> None:
+def assert_once(counts: Counter[str] | Counter[str | None], ids: list[str]) -> None:
     missing = [i for i in ids if counts[i] == 0]
     repeated = [i for i, c in counts.items() if c > 1]
     assert not missing, f"{len(missing)} of {len(ids)} acknowledged events missing"

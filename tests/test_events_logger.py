@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import asyncio
 import io
+import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from conf.model import EventsConfig
-from usage.logger import EventLogger, with_request_context
 from usage.events import Event
+from usage.logger import EventLogger, with_request_context
 from usage.sinks import JsonlSink, StdoutSink, build_sink
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import base64
 import http.client
 import json
 import os
@@ -111,14 +110,14 @@ def _get_json(fake: FakeProvider, path: str) -> Any:
 
 
 def _stats(fake: FakeProvider) -> dict[str, int]:
-    return _get_json(fake, "/_fake/stats")  # type: ignore[no-any-return]
+    return _get_json(fake, "/_fake/stats")
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
+            raise AssertionError(f"condition not met within {timeout:.1f} s")
         time.sleep(0.01)
 
 
@@ -144,7 +143,7 @@ def _sse(raw: bytes, sep: bytes = b"\n\n") -> list[tuple[str | None, str]]:
 def _raw_stream(fake: FakeProvider, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
     """Sends a request on a raw socket and returns everything until the server closes."""
     payload = json.dumps(body).encode()
-    extra = "".join("%s: %s\r\n" % item for item in (headers or {}).items())
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     with socket.create_connection(("127.0.0.1", fake.port), timeout=10) as sock:
         sock.sendall(
             b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n" % path.encode()
@@ -181,7 +180,8 @@ def _openai(fake: FakeProvider) -> openai.OpenAI:
     return openai.OpenAI(base_url=fake.base_url + "/v1", api_key="sk-test", max_retries=0)
 
 
-USER = [{"role": "user", "content": "hello there"}]
+# Sent by both SDKs (each with its own TypedDicts) and as raw JSON.
+USER: list[Any] = [{"role": "user", "content": "hello there"}]
 
 
 # Anthropic Messages ----------------------------------------------------------
@@ -432,7 +432,7 @@ def test_openai_sdk_stream_with_usage_chunk(fake: FakeProvider) -> None:
 
 def test_openai_raw_framing_ends_with_done(fake: FakeProvider) -> None:
     body = {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}, "messages": USER}
-    head, raw, complete = _dechunk(_raw_stream(fake, "/v1/chat/completions", body, {"X-Fake-Tokens": "2"}))
+    _head, raw, complete = _dechunk(_raw_stream(fake, "/v1/chat/completions", body, {"X-Fake-Tokens": "2"}))
     assert complete
     events = _sse(raw)
     assert all(name is None for name, _ in events)

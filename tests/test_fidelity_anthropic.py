@@ -2,7 +2,6 @@
 official SDK as client and the fake provider recording what reached the upstream."""
 
 # The fixtures imported from tests.providers_support are parameters of the tests.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ from tests.providers_support import (  # noqa: F401  (fixtures)
     start_module_wired,
 )
 from upstreams.anthropic_messages import AnthropicMessagesProvider
+from upstreams.base import Provider
 from upstreams.google import GoogleProvider
 from upstreams.openai_chat import OpenAIChatProvider
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(120)
 
 MODEL = "claude-sonnet-4-6"
 ROUTE = "/v1/completions/anthropic-messages"
-WEATHER_TOOL = {
+WEATHER_TOOL: anthropic.types.ToolParam = {
     "name": "get_weather",
     "description": "Weather at a place",
     "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
@@ -70,7 +70,7 @@ def sent_to_upstream(fake_provider: Any, mark: str, path: str = "/v1/messages") 
 def test_tool_use_round_trip(gw: WiredGateway, fake_provider: Any, stream: bool) -> None:
     mark = marker()
     client = sdk(gw)
-    messages: list[dict[str, Any]] = [{"role": "user", "content": f"weather in Paris? {mark} fake:tool_use=get_weather fake:tokens=3"}]
+    messages: list[Any] = [{"role": "user", "content": f"weather in Paris? {mark} fake:tool_use=get_weather fake:tokens=3"}]
     kwargs: dict[str, Any] = {
         "model": MODEL,
         "max_tokens": 1024,
@@ -98,7 +98,7 @@ def test_tool_use_round_trip(gw: WiredGateway, fake_provider: Any, stream: bool)
         "content": [{"type": "text", "text": f"18 degrees {mark2}"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}],
         "is_error": False,
     }
-    history = [*messages, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]}, {"role": "user", "content": [tool_result]}]
+    history: list[Any] = [*messages, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]}, {"role": "user", "content": [tool_result]}]
     raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=1024, tools=[WEATHER_TOOL], messages=history)
     second = raw.parse()
     assert second.content[0].type == "text"
@@ -114,7 +114,7 @@ def test_tool_use_round_trip(gw: WiredGateway, fake_provider: Any, stream: bool)
 
 def test_image_and_document_blocks_pass_unchanged(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
-    blocks = [
+    blocks: list[Any] = [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
         {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
         {"type": "document", "source": {"type": "url", "url": "https://example.com/paper.pdf"}, "title": "Paper", "citations": {"enabled": True}},
@@ -130,11 +130,11 @@ def test_image_and_document_blocks_pass_unchanged(gw: WiredGateway, fake_provide
 
 def test_cache_control_and_cache_usage_recorded_apart(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
-    system = [
+    system: list[Any] = [
         {"type": "text", "text": "You are Cody."},
         {"type": "text", "text": "A long shared context.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
     ]
-    content = [{"type": "text", "text": f"hi {mark} fake:tokens=4 fake:cache_read=100 fake:cache_creation=50", "cache_control": {"type": "ephemeral"}}]
+    content: list[Any] = [{"type": "text", "text": f"hi {mark} fake:tokens=4 fake:cache_read=100 fake:cache_creation=50", "cache_control": {"type": "ephemeral"}}]
     raw = sdk(gw).messages.with_raw_response.create(
         model=MODEL, max_tokens=100, system=system, cache_control={"type": "ephemeral"}, messages=[{"role": "user", "content": content}]
     )
@@ -178,7 +178,8 @@ def test_extended_thinking_with_16k_max_tokens_and_an_allowed_beta(gw: WiredGate
     ) as s:
         final = s.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text"]
-    assert final.content[0].signature == THINKING_SIGNATURE
+    thinking = final.content[0]
+    assert thinking.type == "thinking" and thinking.signature == THINKING_SIGNATURE
     sent = sent_to_upstream(fake_provider, mark)
     assert sent["body"]["max_tokens"] == 16000
     assert sent["body"]["thinking"] == {"type": "enabled", "budget_tokens": 10000}
@@ -186,14 +187,14 @@ def test_extended_thinking_with_16k_max_tokens_and_an_allowed_beta(gw: WiredGate
 
     # The thinking block goes back unchanged (signature intact) on the next turn.
     mark2 = marker()
-    history = [
+    history: list[Any] = [
         {"role": "user", "content": "think"},
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in final.content]},
         {"role": "user", "content": f"and then? {mark2}"},
     ]
     client.messages.create(model=MODEL, max_tokens=16000, thinking={"type": "adaptive"}, messages=history)
     sent2 = sent_to_upstream(fake_provider, mark2)["body"]
-    assert sent2["messages"][1]["content"][0] == {"type": "thinking", "thinking": final.content[0].thinking, "signature": THINKING_SIGNATURE}
+    assert sent2["messages"][1]["content"][0] == {"type": "thinking", "thinking": thinking.thinking, "signature": THINKING_SIGNATURE}
     assert sent2["thinking"] == {"type": "adaptive"}
 
 
@@ -202,7 +203,8 @@ def test_refused_beta_is_a_400_naming_it(gw: WiredGateway) -> None:
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "hi"}])
     assert "made-up-beta-2030-01-01" in str(caught.value) and "not allowed" in str(caught.value)
-    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    body = caught.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
 
 
 def test_thinking_budget_must_be_below_max_tokens(gw: WiredGateway) -> None:
@@ -388,7 +390,7 @@ def _nested(depth: int) -> Any:
 
 
 _CONFIG = load_config(environ={"CODY_GATEWAY_ANTHROPIC_ACCESS_TOKEN": "k", "CODY_GATEWAY_OPENAI_ACCESS_TOKEN": "k", "CODY_GATEWAY_GOOGLE_ACCESS_TOKEN": "k"})
-_PARSERS = (
+_PARSERS: tuple[Provider, ...] = (
     AnthropicMessagesProvider(_CONFIG.providers.anthropic, max_messages=100),
     OpenAIChatProvider(_CONFIG.providers.openai, max_messages=100),
     GoogleProvider(_CONFIG.providers.google, max_messages=100),

@@ -2,7 +2,6 @@
 usage by component, through the real gateway against the fake provider."""
 
 # The fixtures imported from tests.providers_support are parameters of the tests.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ def shared(start_module_wired: Any) -> WiredGateway:
 
 def test_function_calling_round_trip(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
-    body = {
+    body: dict[str, Any] = {
         "model": MODEL,
         "contents": [{"role": "user", "parts": [{"text": f"weather? {mark} fake:tool_use=get_weather fake:tokens=2"}]}],
         "tools": TOOLS,

@@ -2,7 +2,6 @@
 with the official SDK as client and the fake provider recording the upstream requests."""
 
 # The fixtures imported from tests.providers_support are parameters of the tests.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from fakes.provider import TOOL_INPUT
 from tests.conftest import TOKEN_A, TOKEN_B, actor, limits
@@ -29,7 +29,7 @@ from upstreams.openai_chat import OpenAIChatCall
 pytestmark = pytest.mark.timeout(120)
 
 MODEL = "gpt-5.5"
-TOOLS = [
+TOOLS: list[ChatCompletionFunctionToolParam] = [
     {
         "type": "function",
         "function": {
@@ -60,15 +60,17 @@ def upstream_body(fake_provider: Any, mark: str) -> dict[str, Any]:
 def test_tools_round_trip(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
     client = sdk(gw)
-    messages: list[dict[str, Any]] = [{"role": "user", "content": f"weather? {mark} fake:tool_use=get_weather fake:tokens=2"}]
+    messages: list[Any] = [{"role": "user", "content": f"weather? {mark} fake:tool_use=get_weather fake:tokens=2"}]
     first = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False)
-    call = first.choices[0].message.tool_calls[0]
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == TOOL_INPUT
+    tool_calls = first.choices[0].message.tool_calls
+    assert tool_calls is not None
+    call = tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and json.loads(call.function.arguments) == TOOL_INPUT
     sent = upstream_body(fake_provider, mark)
     assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is False
 
     mark2 = marker()
-    history = [
+    history: list[Any] = [
         *messages,
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": f"18 degrees {mark2}"},
@@ -86,12 +88,13 @@ def test_streamed_tool_call_is_assembled_by_the_sdk(gw: WiredGateway) -> None:
         model=MODEL, stream=True, tools=TOOLS, messages=[{"role": "user", "content": "w fake:tool_use=get_weather fake:tokens=1"}]
     )
     calls = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert calls and json.loads(calls[0].function.arguments) == TOOL_INPUT
+    function = calls[0].function if calls else None
+    assert function is not None and function.arguments is not None and json.loads(function.arguments) == TOOL_INPUT
 
 
 def test_response_format_reasoning_and_other_fields_forwarded(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
-    response_format = {
+    response_format: Any = {
         "type": "json_schema",
         "json_schema": {"name": "answer", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "string"}}}},
     }
@@ -118,7 +121,7 @@ def test_response_format_reasoning_and_other_fields_forwarded(gw: WiredGateway, 
 
 def test_content_parts_pass_unchanged(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
-    parts = [
+    parts: list[Any] = [
         {"type": "text", "text": f"what is this? {mark}"},
         {"type": "image_url", "image_url": {"url": IMAGE, "detail": "low"}},
         {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
@@ -155,7 +158,8 @@ def test_stream_with_usage_asked_relays_it(gw: WiredGateway) -> None:
     )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
-    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 2
+    details = chunks[-1].usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == 2
 
 
 def test_usage_chunk_filter_keeps_whole_events_across_chunk_boundaries() -> None:
@@ -195,7 +199,8 @@ def test_sdk_exception_carries_the_gateway_message(gw: WiredGateway) -> None:
         sdk(gw, TOKEN_B).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     assert 'model "openai/gpt-4" is not allowed' in str(caught.value)
     with pytest.raises(openai.BadRequestError) as caught:
-        sdk(gw).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x", "deep": _deep(300)}]}])
+        malformed: list[Any] = [{"role": "user", "content": [{"type": "image_url", "image_url": "x", "deep": _deep(300)}]}]
+        sdk(gw).chat.completions.create(model=MODEL, messages=malformed)
     assert "messages[0].content[0]" in str(caught.value)
 
 

@@ -2,7 +2,6 @@
 never win over what was relayed, upstream numbers are bounded, any size is counted."""
 
 # The fixtures imported from tests.providers_support are parameters of the tests.
-# ruff: noqa: F811
 
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.error_shapes import error_message
 from tests.conftest import DIAGNOSTICS_SECRET
+from tests.support.error_shapes import error_message
 from tests.test_fuzz_schemathesis import assert_clean_log
 from tests.test_fuzz_support import counted, examples, full_env, fuzz_summary, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
 

@@ -30,8 +30,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.support.error_shapes import error_message
 from tests.conftest import DIAGNOSTICS_SECRET
+from tests.support.error_shapes import error_message
 from tests.test_fuzz_support import counted, examples, full_env, fuzz_summary, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
 
 TOKEN = "sgd_" + "f" * 64
@@ -143,7 +143,7 @@ def test_every_operation_conforms_and_never_fails(schema: Any, gateway: Any, ses
             @given(case=operation.as_strategy(generation_mode=generation).map(steer(operation.path, generation)))
             @counted(f"schemathesis {mode} token: {operation.method.upper()} {operation.path}")
             def run(case: Any) -> None:
-                response = case.call(session=session, headers=headers, timeout=REQUEST_TIMEOUT_S)
+                response = case.call(session=session, headers=headers, timeout=REQUEST_TIMEOUT_S)  # noqa: B023 - run() is called within this iteration
                 check_response(case, response)
 
             try:

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from conf.model import ActorsConfig
-from tests import test_actor_sources
-
 from actors.chain import SourceChain, TokenDeniedError
+from conf.model import ActorsConfig
+from fakes.graphql import Plan
+from tests import test_actor_sources
 from tests.test_actor_sources import (
     MODELS,
     SUB_TOKEN,
@@ -39,7 +39,7 @@ def _config_with_new_fields(**overrides: Any) -> ActorsConfig:
 
 
 def _reference_config() -> ActorsConfig:
-    return ActorsConfig(  # type: ignore[call-arg]
+    return ActorsConfig(
         sources=("anonymous", "static", "dotcom-user", "product-subscriptions"),
         allow_anonymous=False,
         static_file="",
@@ -81,7 +81,7 @@ def test_dotcom_user_usage_is_reset_only_when_the_interval_changes() -> None:
 
             # The interval changes: that feature's usage is reset.
             env.clock.advance(16 * 60)
-            limits = {"chat": (100, 3600, MODELS), "code": (200, 600, MODELS)}
+            limits: Plan = {"chat": (100, 3600, MODELS), "code": (200, 600, MODELS)}
             env.fake.add_user(USER_TOKEN, user_id=123456, username="alice", **limits)
             await source.get(USER_TOKEN)
             assert env.resets == [("123456", "code_completions")]

@@ -34,7 +34,7 @@ import pycurl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tornado.curl_httpclient import CurlAsyncHTTPClient
+from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
 from tornado.httputil import HTTPHeaders
 
 from conf.loader import load_config
@@ -198,7 +198,7 @@ def test_a_queued_attempt_still_ends_at_its_deadline(hostile: HostileUpstream) -
 def test_a_deadline_during_connect_is_a_timeout_not_a_connect_error() -> None:
     """A 1 ms deadline that runs out while connecting says "Connection timed out": it is still
     the deadline (a connect error would be retried and would count against the upstream)."""
-    error = tp.CurlError(pycurl.E_OPERATION_TIMEDOUT, "Connection timed out after 1 milliseconds")
+    error = CurlError(pycurl.E_OPERATION_TIMEDOUT, "Connection timed out after 1 milliseconds")
     assert tp._classify(error, tp.Attempt(), connect_is_binding=False) == tp.TIMEOUT
     assert tp._classify(error, tp.Attempt(), connect_is_binding=True) == tp.CONNECT_ERROR
 

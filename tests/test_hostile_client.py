@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.error_shapes import error_message
 from fakes.processes import wait_until
+from tests.support.error_shapes import error_message
 from tests.test_fuzz_support import full_env, start_full_gateway, unlimited_actor
 
 TOKEN = "sgd_" + "c" * 64
@@ -91,7 +91,7 @@ def raw(port: int, data: bytes, *, timeout: float = 10) -> bytes:
         while True:
             try:
                 chunk = sock.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break
@@ -280,7 +280,9 @@ def test_a_slow_reader_gets_its_stream_ended_not_buffered(gw: Any, fake_provider
     finally:
         sock.close()
     assert b"HTTP/1.1 200" in received[:20]
-    trace = re.search(rb"X-Trace: (\w+)", received).group(1).decode()
+    found = re.search(rb"X-Trace: (\w+)", received)
+    assert found is not None
+    trace = found.group(1).decode()
     tail = received[-2000:]
     assert b"event: error" in tail and b"not reading fast enough" in tail, tail[-300:]
     # Far less than the upstream sent (~6 MB): the stream was ended, not buffered.

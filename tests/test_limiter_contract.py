@@ -31,8 +31,8 @@ from redis.crc import key_slot
 from limiter.base import CONCURRENCY, QUOTA, TOKENS, Decision, Limiter, LimiterUnavailable, LimitRule
 from limiter.failover import FAIL_CLOSED, FAIL_OPEN, FailoverLimiter, FallbackDecision
 from limiter.memory import MemoryLimiter
-from redisconn.connect import connect
 from limiter.redis_limiter import RedisLimiter, bucket_keys
+from redisconn.connect import connect
 from tests.support.redis_servers import RedisClusterServers, RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +50,9 @@ class Backend:
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Limiter]:
         if self.url is None:
-            limiter = MemoryLimiter()
-            yield limiter
-            await limiter.close()
+            memory = MemoryLimiter()
+            yield memory
+            await memory.close()
             return
         client = connect(self.url, timeout_ms=2000, max_connections=32)
         limiter = RedisLimiter(client, owns_client=True)

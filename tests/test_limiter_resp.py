@@ -22,6 +22,7 @@ import redis
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import (
     AuthenticationError,
     ConnectionError,
@@ -35,8 +36,8 @@ from redis.exceptions import (
 from limiter.base import LimitRule
 from limiter.failover import FAIL_CLOSED, FailoverLimiter
 from limiter.memory import MemoryLimiter
-from redisconn.connect import connect, lean_client
 from limiter.redis_limiter import RedisLimiter
+from redisconn.connect import connect, lean_client
 from redisconn.resp import RespAddress, RespClient, RespParser, encode_command
 from tests.support.redis_servers import RedisServer, free_port
 from tests.test_fuzz_support import examples
@@ -51,6 +52,13 @@ def run(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         uvloop.run(main())
     else:
         asyncio.run(main())
+
+
+def single_node(url: str, *, timeout_ms: int, max_connections: int) -> AsyncRedis:
+    """connect() for a single-node URL, typed as the client lean_client takes."""
+    client = connect(url, timeout_ms=timeout_ms, max_connections=max_connections)
+    assert isinstance(client, AsyncRedis)
+    return client
 
 
 def tcp_client(server: RedisServer, timeout_s: float = 2.0, **address: Any) -> RespClient:
@@ -208,7 +216,9 @@ def test_error_replies(redis_server: RedisServer, loop: str) -> None:
             assert type(results[1]) is ResponseError
             assert isinstance(results[2], NoScriptError)
             # An error inside an array is a value, as in redis-py, not a failed call.
-            assert results[3][0] == 1 and isinstance(results[3][1], ResponseError) and results[3][2] == b"ok"
+            array = results[3]
+            assert isinstance(array, list)
+            assert array[0] == 1 and isinstance(array[1], ResponseError) and array[2] == b"ok"
             # Error replies do not disturb the matching of the replies after them.
             assert results[4] == b"x"
             assert client.connects == 1
@@ -304,7 +314,8 @@ def test_a_call_sent_on_a_connection_closed_under_it_is_sent_once_more(
             assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
             assert await asyncio.wait_for(client.execute("INCR", "stale"), 5) == 1
             assert client.resent == 1 and client.connects == 2
-            assert int(admin.get("stale")) == 1
+            stale = admin.get("stale")
+            assert stale is not None and int(stale) == 1
         finally:
             admin.close()
             await client.close()
@@ -406,7 +417,7 @@ def test_auth_with_username_and_db_selection(redis_server_private: RedisServer, 
             assert (await limiter.acquire(rule)).allowed
         finally:
             await limiter.close()
-        wrong = lean_client(connect(f"redis://alice:wrong@127.0.0.1:{port}/5", timeout_ms=2000, max_connections=4))
+        wrong = lean_client(single_node(f"redis://alice:wrong@127.0.0.1:{port}/5", timeout_ms=2000, max_connections=4))
         try:
             # Every call pipelined behind the failed AUTH fails with the cause, not NOAUTH.
             results = await asyncio.gather(*(wrong.execute("PING") for _ in range(3)), return_exceptions=True)
@@ -416,8 +427,8 @@ def test_auth_with_username_and_db_selection(redis_server_private: RedisServer, 
             await wrong.close()
         # Password only (the default user), and a database out of range.
         admin.config_set("requirepass", "pw-only")
-        password_only = lean_client(connect(f"redis://:pw-only@127.0.0.1:{port}/3", timeout_ms=2000, max_connections=4))
-        bad_db = lean_client(connect(f"redis://:pw-only@127.0.0.1:{port}/99", timeout_ms=2000, max_connections=4))
+        password_only = lean_client(single_node(f"redis://:pw-only@127.0.0.1:{port}/3", timeout_ms=2000, max_connections=4))
+        bad_db = lean_client(single_node(f"redis://:pw-only@127.0.0.1:{port}/99", timeout_ms=2000, max_connections=4))
         try:
             assert await password_only.execute("SET", "in-db-3", "yes") == b"OK"
             with pytest.raises(ResponseError):
@@ -487,7 +498,7 @@ def test_tls_verifies_like_redis_py(tmp_path: Path) -> None:
                 "--tls-auth-clients", "no")
     try:
         context = extra_server(*tls_args)
-        server = context.__enter__()
+        context.__enter__()
     except Exception as err:  # a redis-server built without TLS
         pytest.skip(f"redis-server cannot serve TLS here: {err}")
     try:
@@ -502,7 +513,7 @@ def test_tls_verifies_like_redis_py(tmp_path: Path) -> None:
                 await limiter.close()
             # Not trusted (no CA) or the wrong name: refused, by redis-py and by the lean client alike.
             for url in (f"rediss://localhost:{tls_port}/0", f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"):
-                redis_py = connect(url, timeout_ms=2000, max_connections=4)
+                redis_py = single_node(url, timeout_ms=2000, max_connections=4)
                 lean = lean_client(redis_py)
                 try:
                     with pytest.raises(ConnectionError):
@@ -520,7 +531,7 @@ def test_tls_verifies_like_redis_py(tmp_path: Path) -> None:
 
 
 def test_address_repr_hides_the_password() -> None:
-    client = lean_client(connect("redis://user:hunter2@127.0.0.1:1/0", timeout_ms=100, max_connections=1))
+    client = lean_client(single_node("redis://user:hunter2@127.0.0.1:1/0", timeout_ms=100, max_connections=1))
     assert "hunter2" not in repr(client.address)
     assert client.timeout_s == 0.1
 

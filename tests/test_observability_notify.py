@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
+from fakes.processes import wait_until
+from fakes.slack import FakeSlack
 from telemetry.notify import highest_bucket, slack_text
 from tests.conftest import TOKEN_A, TOKEN_B, actor, limits
-from fakes.slack import FakeSlack
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
-from fakes.processes import wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"

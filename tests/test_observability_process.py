@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ANTHROPIC_KEY, TOKEN_A
 from fakes.processes import GatewayProcess, wait_until
+from tests.conftest import ANTHROPIC_KEY, TOKEN_A
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"

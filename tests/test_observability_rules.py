@@ -30,12 +30,14 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not in
 
 @needs_promtool
 def test_promtool_accepts_the_alert_rules() -> None:
+    assert PROMTOOL is not None
     result = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs_promtool
 def test_alert_rules_fire_as_their_unit_tests_say() -> None:
+    assert PROMTOOL is not None
     result = subprocess.run(
         [PROMTOOL, "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent, capture_output=True, text=True, timeout=60
     )

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from fakes.processes import wait_until
+from fakes.sentry import FakeSentry
 from handlers.base import BaseHandler
 from tests.conftest import ANTHROPIC_KEY, TOKEN_A, actor
-from fakes.sentry import FakeSentry
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
-from fakes.processes import wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +17,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from fakes.otlp import OtlpReceiver
+from fakes.processes import wait_until
 from telemetry.logs import JsonFormatter
 from tests.conftest import TOKEN_A, TOKEN_B, actor, limits
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
-from fakes.otlp import OtlpReceiver
-from fakes.processes import wait_until
 
 MODEL = "claude-3-haiku-20240307"
 ROUTE = "/v1/completions/anthropic-messages"
@@ -109,7 +107,7 @@ def test_span_tree_carries_the_reference_and_genai_attributes(gw: InProcessGatew
     trace_id = response.headers["X-Trace"]
     spans = spans_of(exporter, trace_id)
     server = by_name(spans, SERVER_SPAN)
-    attrs = dict(server.attributes or {})
+    attrs: dict[str, Any] = dict(server.attributes or {})
     assert attrs["sampling.retain"] is True
     assert attrs["actor.id"] == "actor-a" and attrs["actor.source"] == "static"
     assert attrs["upstreamStatusCode"] == 200 and attrs["resolvedStatusCode"] == 200
@@ -124,9 +122,11 @@ def test_span_tree_carries_the_reference_and_genai_attributes(gw: InProcessGatew
     upstream = by_name(spans, f"chat {MODEL}")
     assert upstream.kind == SpanKind.CLIENT
     assert upstream.parent is not None and upstream.parent.span_id == server.context.span_id
-    up = dict(upstream.attributes or {})
+    up: dict[str, Any] = dict(upstream.attributes or {})
     assert up["gen_ai.usage.output_tokens"] == 7 and up["gen_ai.request.max_tokens"] == 50
     assert up["gen_ai.request.stream"] is True and up["http.response.status_code"] == 200
+    assert server.start_time is not None and server.end_time is not None
+    assert upstream.start_time is not None and upstream.end_time is not None
     assert server.start_time <= upstream.start_time <= upstream.end_time <= server.end_time
     # Nothing prompt-bearing in any attribute.
     for span in spans:

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, set_span_in_context
 from opentelemetry.trace.span import NonRecordingSpan, TraceState
 
-from telemetry.otlp_export import LoopSpanExporter, encode_json, encode_protobuf, parse_headers
 from fakes.otlp import OtlpReceiver, decode
+from telemetry.otlp_export import LoopSpanExporter, encode_json, encode_protobuf, parse_headers
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -79,7 +79,7 @@ def test_parse_headers() -> None:
     assert parse_headers("api-key=a%3Db, x-team = infra ,broken") == {"api-key": "a=b", "x-team": "infra"}
 
 
-def _run(main: Callable[[], Awaitable[None]]) -> None:
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(main())
 
 

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from fakes.processes import GatewayProcess, wait_until
+from fakes.processes import GatewayProcess
 from tests.conftest import TOKEN_A, actor, limits
 
 MODEL = "claude-3-haiku-20240307"

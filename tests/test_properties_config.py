@@ -28,7 +28,7 @@ NUMBERISH = st.sampled_from(
     ["0", "-1", "1", "65536", "1e400", "-1e400", "nan", "inf", "-inf", "1.5", "2048.0", "99999999999999999999999",
      "0x10", "1_000", " 7 ", "", "true", "off", "[]", "[1, 2]", '{"a": [5]}', "{}", "[", "10s", "1h30m", "9" * 400 + "h"]
 )
-ENV_VALUE = st.one_of(NUMBERISH, st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40))
+ENV_VALUE = st.one_of(NUMBERISH, st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=40))
 
 
 def assert_sane(config: Any) -> None:

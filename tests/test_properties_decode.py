@@ -45,7 +45,7 @@ NUMBER = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     st.sampled_from([0, 1, -1, 4000, 4001, 1e300, -1e300, 2.5, 1e19, 2**53 + 1]),
 )
-EDGE = st.sampled_from([1e300, -1e300, 1e19, 2**63 - 1, -(2**63), 0, -1, 4001, 1.5, "", [], {}, None, True, [None], [{}], [{"type": "image"}], "x" * 5000])
+EDGE: st.SearchStrategy[Any] = st.sampled_from([1e300, -1e300, 1e19, 2**63 - 1, -(2**63), 0, -1, 4001, 1.5, "", [], {}, None, True, [None], [{}], [{"type": "image"}], "x" * 5000])
 TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["user", "assistant", "system", "model", "human", "text", "image", "claude-3-haiku-20240307", "gpt-4o", "gemini-1.5-flash", "starcoder", "anthropic/claude-3-haiku-20240307"]))
 SCALAR = st.one_of(st.none(), st.booleans(), NUMBER, TEXT)
 NAMES = st.sampled_from(["role", "content", "text", "type", "parts", "speaker", "name", "temperature", "maxOutputTokens", "topK", "category", "threshold", "include_usage"])

@@ -28,7 +28,8 @@ def oracle(stream: bytes, max_bytes: int) -> tuple[list[tuple[bytes, bytes]], in
     # A final line without a terminator is still a line at end of stream.
     events: list[tuple[bytes, bytes]] = []
     dropped = 0
-    name, data, size, skipping = b"", [], 0, False
+    name, size, skipping = b"", 0, False
+    data: list[bytes] = []
 
     def drop() -> None:
         nonlocal dropped, name, data, size, skipping

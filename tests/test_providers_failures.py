@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fakes.processes import wait_until
 from tests.conftest import TOKEN_A, actor, limits
 from tests.providers_support import (  # noqa: F401  (fixtures)
     WiredGateway,
@@ -29,7 +30,6 @@ from tests.providers_support import (  # noqa: F401  (fixtures)
     start_module_wired,
     start_wired,
 )
-from fakes.processes import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -48,8 +48,8 @@ def shared(start_module_wired: Any) -> WiredGateway:
 
 def test_code_completion_stream_goes_to_text_endpoint(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
-    body = {"model": "starcoder", "prompt": f"def f(): # {mark} fake:tokens=7", "stream": True, "max_tokens": 50,
-            "n": 4, "temperature": 0, "languageId": "python", "logprobs": 3, "echo": False, "stop": ["\n\n"]}
+    body: dict[str, Any] = {"model": "starcoder", "prompt": f"def f(): # {mark} fake:tokens=7", "stream": True, "max_tokens": 50,
+                            "n": 4, "temperature": 0, "languageId": "python", "logprobs": 3, "echo": False, "stop": ["\n\n"]}
     response = post(gw, ROUTE, body, feature="code_completions", headers={"X-Sourcegraph-Actor-UID": "u"})
     assert response.status_code == 200, response.text
     # Enterprise StarCoder defaults to 100 % single tenant.
@@ -72,8 +72,8 @@ def test_code_completion_stream_goes_to_text_endpoint(gw: WiredGateway, fake_pro
 
 def test_chat_goes_to_chat_endpoint_and_counts_chat_characters(gw: WiredGateway, fake_provider: Any) -> None:
     mark = marker()
-    body = {"model": "accounts/fireworks/models/mixtral-8x7b-instruct", "stream": False,
-            "messages": [{"role": "user", "content": f"hi {mark} fake:tokens=5"}]}
+    body: dict[str, Any] = {"model": "accounts/fireworks/models/mixtral-8x7b-instruct", "stream": False,
+                            "messages": [{"role": "user", "content": f"hi {mark} fake:tokens=5"}]}
     response = post(gw, ROUTE, body, headers={"X-Fireworks-Genie": "true"})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "Hello from the fake provider"

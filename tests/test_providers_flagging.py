@@ -14,6 +14,8 @@ import httpx
 import pytest
 import redis
 
+from fakes.graphql import FakeGraphQLThread
+from fakes.processes import wait_until
 from tests.conftest import DIAGNOSTICS_SECRET, TOKEN_A, TOKEN_B, actor, limits
 from tests.providers_support import (  # noqa: F401  (fixtures)
     WiredGateway,
@@ -25,8 +27,6 @@ from tests.providers_support import (  # noqa: F401  (fixtures)
     start_module_wired,
     start_wired,
 )
-from fakes.graphql import FakeGraphQLThread
-from fakes.processes import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,12 +17,12 @@ with warnings.catch_warnings():
 
     warm_up()
 
-from conf.loader import load_config
 from abuse import flagging
+from abuse.prompt_store import MemoryPromptStore, RedisPromptStore, prompt_key, split_key
+from conf.loader import load_config
 from upstreams.base import FlagInput
 from upstreams.circuit import CircuitBreaker
 from upstreams.fireworks import pick_fine_tuned, pick_starcoder
-from abuse.prompt_store import MemoryPromptStore, RedisPromptStore, prompt_key, split_key
 
 CONFIG = load_config(None, environ={})
 PREAMBLE = "You are Cody-Gateway."

@@ -29,6 +29,7 @@ from upstreams.base import ProviderCall, Usage
 from upstreams.fireworks import FireworksProvider
 from upstreams.google import GoogleProvider
 from upstreams.openai_chat import OpenAIChatProvider
+
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"
 CONFIG = load_config(None, environ={})
 
@@ -192,7 +193,7 @@ def test_a_stream_cut_short_counts_what_was_relayed() -> None:
 def test_garbage_and_errors_never_raise_and_stay_unknown() -> None:
     call = parse(google(), {"model": "gemini-pro", "stream": True, "contents": [{"parts": [{"text": "x"}]}]})
     run(call, b"data: {not json\r\n\r\ndata: [1,2]\r\n\r\n: keep-alive\r\n\r\n" + b'data: {"error":{"code":500,"message":"boom","status":"INTERNAL"}}\r\n\r\n')
-    assert call.in_band_error == "boom"  # type: ignore[attr-defined]
+    assert call.in_band_error == "boom"
     assert call.usage().completion_chars is None and call.usage().completion_tokens is None
     body = parse(openai(), {"model": "gpt-4", "messages": []})
     run(body, b"<html>not json</html>")

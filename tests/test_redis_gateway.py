@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TOKEN_A, actor, limits
 from fakes.processes import GatewayProcess, wait_until
+from tests.conftest import TOKEN_A, actor, limits
 from tests.support.redis_servers import RedisClusterServers, RedisServer
 from tests.test_anthropic_messages import ROUTE, message_body
 

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from fakes.sentry import FakeSentry
 from fakes.otlp import OtlpReceiver
 from fakes.processes import wait_until
+from fakes.sentry import FakeSentry
 from tests.test_fuzz_support import full_env, private_fake, start_full_gateway, unlimited_actor  # noqa: F401
 
 CLIENT_TOKEN = "sgd_" + "5ec7e7" * 10 + "abcd"
@@ -96,7 +96,7 @@ def drive_every_route(base: str, responses: list[httpx.Response]) -> None:
         responses.append(response)
         return response
 
-    completions = {
+    completions: dict[str, dict[str, Any]] = {
         "/v1/completions/anthropic-messages": {"model": "claude-3-haiku-20240307", "max_tokens": 20, "messages": messages},
         "/v1/completions/anthropic": {"model": "claude-instant-1.2", "max_tokens_to_sample": 20, "prompt": "\n\nHuman: hello\n\nAssistant:"},
         "/v1/completions/openai": {"model": "gpt-4o", "messages": messages},
@@ -211,7 +211,7 @@ class CookieUpstream:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 status = 200 if "error" not in self.path else 400
                 body = (b'{"type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":1,"output_tokens":1}}'

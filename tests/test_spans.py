@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from fakes.otlp import decode
 from telemetry.otlp_export import encode_json, encode_protobuf
 from telemetry.spans import LeanSpan, LeanTracer
-from fakes.otlp import decode
 
 pytestmark = pytest.mark.timeout(30)
 

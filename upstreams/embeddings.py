@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import orjson
 from tornado.httputil import HTTPHeaders
@@ -25,11 +25,12 @@ from errors import (
     GatewayError,
     ServiceUnavailable,
     UpstreamError,
-    UpstreamTimeout,
 )
 from upstreams import transport as tp
 from upstreams.base import UpstreamRequest
 from upstreams.retry import RetryPolicy, failure_error
+
+T = TypeVar("T")
 
 OPENAI = "openai"
 SOURCEGRAPH = "sourcegraph"
@@ -63,7 +64,6 @@ ERROR_RETRY_AFTER_S = "60"
 # anything past this is not an embeddings response.
 MAX_RESPONSE_BYTES = 256 << 20
 ERROR_BODY_PREFIX_BYTES = 1024
-
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingModel:
@@ -275,7 +275,7 @@ def parse_json(body: bytes, label: str) -> Any:
         raise invalid_response(label, f"not JSON ({exc.msg})") from exc
 
 
-def float_vector(value: Any) -> bool:
+def float_vector(value: Any) -> TypeGuard[list[float]]:
     """A list of JSON numbers. array() does the element check in C: a
     generator over every float cost more than parsing the whole body."""
     if not isinstance(value, list):
@@ -292,7 +292,7 @@ def float_vector(value: Any) -> bool:
 EXECUTOR_THRESHOLD_BYTES = 1 << 20
 
 
-async def off_loop(size: int, fn: Callable[[], Any]) -> Any:
+async def off_loop(size: int, fn: Callable[[], T]) -> T:
     if size < EXECUTOR_THRESHOLD_BYTES:
         return fn()
     return await asyncio.get_running_loop().run_in_executor(None, fn)

@@ -16,11 +16,12 @@ from errors import BadRequest
 from upstreams import transport as tp
 from upstreams.base import UpstreamRequest, json_body
 from upstreams.embeddings import (
+    OPENAI,
+    OPENAI_SHORTENABLE_PREFIX,
     EmbeddingsRequest,
     EmbeddingsResult,
     Exchange,
-    OPENAI,
-    OPENAI_SHORTENABLE_PREFIX,
+    Reply,
     failure,
     float_vector,
     invalid_response,

@@ -15,13 +15,13 @@ from typing import Any
 from conf.model import SourcegraphEmbeddingsConfig
 from upstreams import transport as tp
 from upstreams.base import UpstreamRequest, json_body
-from upstreams.retry import SMEGA_POLICY
 from upstreams.embeddings import (
+    SMEGA_DIMENSIONS,
+    SOURCEGRAPH,
     EmbeddingsRequest,
     EmbeddingsResult,
     Exchange,
-    SMEGA_DIMENSIONS,
-    SOURCEGRAPH,
+    Reply,
     failure,
     float_vector,
     invalid_response,
@@ -30,6 +30,7 @@ from upstreams.embeddings import (
     post_with_retries,
     texts_only,
 )
+from upstreams.retry import SMEGA_POLICY
 
 AUTH_HEADER = "sourcegraph-smega-inference-auth"
 

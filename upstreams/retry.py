@@ -37,7 +37,8 @@ def jittered_exponential(base_s: float, max_s: float) -> Callable[[int], float]:
 
 def smega_backoff(attempt_no: int) -> float:
     """The reference's embeddings backoff: 5^n ms, +-50 % jitter (5 ms, then 25 ms)."""
-    return (5**attempt_no) / 1000 * random.uniform(0.5, 1.5)
+    millis: int = 5**attempt_no
+    return millis / 1000 * random.uniform(0.5, 1.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +67,7 @@ class RetryPolicy:
                 retry_after = retry_after_seconds(attempt.headers)
                 if retry_after is not None:
                     return None if retry_after > self.retry_after_max_s else max(self.min_delay_s, retry_after)
-        elif attempt.outcome in _FINAL:
-            return None
-        elif self.retryable_failures is not None and attempt.outcome not in self.retryable_failures:
+        elif attempt.outcome in _FINAL or (self.retryable_failures is not None and attempt.outcome not in self.retryable_failures):
             return None
         return self.backoff(attempt_no)
 

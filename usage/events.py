@@ -45,7 +45,7 @@ class Event:
             "source": self.source,
             "identifier": self.identifier,
             "metadata": orjson.dumps(self.metadata, option=orjson.OPT_NON_STR_KEYS).decode(),
-            "created_at": dt.datetime.fromtimestamp(self.created_at, tz=dt.timezone.utc)
+            "created_at": dt.datetime.fromtimestamp(self.created_at, tz=dt.UTC)
             .isoformat()
             .replace("+00:00", "Z"),
             "event_id": self.event_id,

@@ -83,7 +83,7 @@ def with_request_context(
     actor: dict[str, Any] = {}
     if actor_uid not in (None, "", 0, "0"):
         try:
-            uid = int(actor_uid)  # type: ignore[arg-type]
+            uid = int(actor_uid)
         except (TypeError, ValueError):
             uid = None
         # The platform's user ids are 32-bit; anything else a client sends is not one.
@@ -240,7 +240,7 @@ class EventLogger:
         """Journal and queue one event. Call on the IOLoop thread."""
         try:
             self._record(event)
-        except Exception:  # noqa: BLE001 - record() must never raise into a handler
+        except Exception:  # record() must never raise into a handler
             self.dropped += 1
             log.exception("failed to record usage event")
 
@@ -419,7 +419,7 @@ class EventLogger:
                 self._inflight_batches += 1
                 self._spawn(self._replay_step())
             self._maintain_journal(now)
-        except Exception:  # noqa: BLE001 - a periodic callback must keep running
+        except Exception:  # a periodic callback must keep running
             log.exception("event pump failed")
 
     def _spawn(self, work: Awaitable[Any]) -> None:
@@ -444,7 +444,7 @@ class EventLogger:
             while True:
                 try:
                     await self._run(self._write_live, batch)
-                except Exception as exc:  # noqa: BLE001 - any sink failure is retried
+                except Exception as exc:  # any sink failure is retried
                     refused = exc.event_ids if isinstance(exc, RejectedRows) else set()
                     poisoned = [e for e in batch if e.event.event_id in refused]
                     if poisoned:
@@ -480,7 +480,7 @@ class EventLogger:
         """Dead-letter events the sink refuses for good, so they stop blocking the rest."""
         try:
             await self._run(self._write_dead_letter, poisoned)
-        except Exception:  # noqa: BLE001
+        except Exception:
             # Stay in the journal for the next start rather than vanish.
             log.exception("could not set aside %d rejected events", len(poisoned))
             return
@@ -516,7 +516,7 @@ class EventLogger:
                 e.journal.acked += 1
 
     def _retry_delay(self, attempt: int) -> float:
-        delay = min(self._retry_max_s, self._retry_base_s * (2 ** (attempt - 1)))
+        delay: float = min(self._retry_max_s, self._retry_base_s * (2 ** (attempt - 1)))
         return delay * random.uniform(0.5, 1.0)
 
     def _note_failure(self, exc: BaseException) -> None:
@@ -549,7 +549,7 @@ class EventLogger:
             self._spilling += 1
         try:
             path = await self._run(self._write_spill, batch)
-        except Exception:  # noqa: BLE001
+        except Exception:
             # The journal still holds them (unacknowledged, so never deleted):
             # the next start replays them.  Only journal-less events are lost.
             lost = sum(1 for e in batch if e.journal is None)
@@ -582,7 +582,7 @@ class EventLogger:
         try:
             if callable(recent):
                 self._known_delivered = await self._run(recent)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not read back recently delivered event ids")
         finally:
             self._replay_ready = True
@@ -612,7 +612,7 @@ class EventLogger:
                     self.rejected += len(poisoned)
                     log.error("sink refused %d replayed events for good: %s", len(poisoned), exc)
                     return  # the next step re-reads this batch without them
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     self._note_failure(exc)
                     return
                 self.replayed += len(events)
@@ -672,5 +672,5 @@ class EventLogger:
     def _close_sink(self) -> None:
         try:
             self.sink.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("closing the event sink failed")

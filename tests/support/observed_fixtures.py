@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.observed_gateway import InProcessGateway
 from fakes.processes import write_actors
+from tests.support.observed_gateway import InProcessGateway
 
 
 @pytest.fixture

@@ -132,7 +132,7 @@ class InProcessGateway:
         def run() -> None:
             try:
                 future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:  # handed to the caller
                 future.set_exception(exc)
 
         self.loop.call_soon_threadsafe(run)
