@@ -13,16 +13,39 @@ import math
 import time
 from typing import Any
 
+from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 
 from actors.base import ActorRecentlyUpdated
-from actors.model import Actor, RateLimit
+from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES, Actor, RateLimit
 from background import BackgroundTasks
-from errors import RateLimited, ServiceUnavailable
+from errors import BadRequest, Forbidden, RateLimited, ServiceUnavailable
 from handlers.services import Services
 from limiter.base import CONCURRENCY, TOKENS, Decision, LimiterUnavailable, LimitRule
 
 log = logging.getLogger("gateway.admission")
+
+
+def completion_feature(headers: HTTPHeaders, *, required: bool) -> str:
+    """``X-Sourcegraph-Feature`` of a completion-family request; the SDK routes default to chat."""
+    raw = headers.get("X-Sourcegraph-Feature")
+    if raw is None or not raw.strip():
+        if required:
+            raise BadRequest("X-Sourcegraph-Feature header is required")
+        return CHAT_COMPLETIONS
+    feature = raw.strip()
+    if feature not in COMPLETION_FEATURES:
+        raise BadRequest("invalid value for X-Sourcegraph-Feature")
+    return feature
+
+
+def limit_for_feature(services: Services, actor: Actor, token: str, feature: str) -> RateLimit:
+    """The actor's limit for ``feature``; 403 without one (and its actor refreshed in the background)."""
+    rate_limit = actor.limit_for(feature)
+    if rate_limit is None:
+        refresh_in_background(services, actor, token)
+        raise Forbidden(f"no access to feature {feature}")
+    return rate_limit
 
 
 def go_time(ts: float) -> str:

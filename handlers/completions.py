@@ -19,9 +19,15 @@ from tornado.httputil import HTTPHeaders
 
 from abuse.screening import Subject
 from actors.limits import evaluate_allowed_models, is_model_allowed, prefix_bare_models
-from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES
-from errors import BadRequest, Forbidden, ServiceUnavailable, UpstreamError
-from handlers.admission import LimitedRequest, rate_limit_headers, refresh_in_background, rejection
+from errors import BadRequest, ServiceUnavailable, UpstreamError
+from handlers.admission import (
+    LimitedRequest,
+    completion_feature,
+    limit_for_feature,
+    rate_limit_headers,
+    refresh_in_background,
+    rejection,
+)
 from handlers.base import UpstreamHandler
 from handlers.relay import StreamRelay
 from handlers.services import Services
@@ -77,26 +83,12 @@ class CompletionsHandler(UpstreamHandler):
 
     # -- 1. validate -------------------------------------------------------------
 
-    def feature_from_header(self) -> str:
-        raw = self.request.headers.get("X-Sourcegraph-Feature")
-        if raw is None or not raw.strip():
-            if self.sdk_route:
-                return CHAT_COMPLETIONS
-            raise BadRequest("X-Sourcegraph-Feature header is required")
-        feature = raw.strip()
-        if feature not in COMPLETION_FEATURES:
-            raise BadRequest("invalid value for X-Sourcegraph-Feature")
-        return feature
-
     async def post(self) -> None:
         record = self.record
         actor = record.actor
         assert actor is not None
-        feature = record.feature = self.feature_from_header()
-        rate_limit = actor.limit_for(feature)
-        if rate_limit is None:
-            refresh_in_background(self.services, actor, self.token)
-            raise Forbidden(f"no access to feature {feature}")
+        feature = record.feature = completion_feature(self.request.headers, required=not self.sdk_route)
+        rate_limit = limit_for_feature(self.services, actor, self.token, feature)
         timeout_s = self.upstream_timeout_s()
         headers = self.request.headers
         call = self.provider.parse(

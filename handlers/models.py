@@ -24,15 +24,15 @@ from actors.limits import (
     is_pattern,
     prefix_bare_models,
 )
-from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES
 from conf.loader import load_schema
 from conf.model import Config
-from errors import BadRequest, Forbidden, NotFound, UpstreamError, UpstreamTimeout
-from handlers.admission import refresh_in_background
+from errors import BadRequest, NotFound, UpstreamError
+from handlers.admission import completion_feature, limit_for_feature
 from handlers.base import BaseHandler, UpstreamHandler
 from handlers.services import Services
 from upstreams import transport as tp
 from upstreams.anthropic_messages import AnthropicMessagesProvider
+from upstreams.retry import failure_error
 
 # What the listing says when a model's real creation date is unknown to us.
 _EPOCH = "2024-01-01T00:00:00Z"
@@ -66,7 +66,8 @@ class _ModelsBase(BaseHandler):
     route_class = "models"
     operation = "v1.models"
     accepts_api_key_header = True
-    provider = "anthropic"
+    # The configured provider whose models are listed (providers.<name>).
+    listed = "anthropic"
 
     async def prepare(self) -> None:
         self.start_span()
@@ -75,28 +76,23 @@ class _ModelsBase(BaseHandler):
     def allowed_models(self) -> list[str]:
         """The concrete ids (without prefix) this caller may use, in catalogue order."""
         config = self.services.config
-        provider = getattr(config.providers, self.provider)
-        if not provider.access_token:
-            raise NotFound("404 page not found")
+        provider = getattr(config.providers, self.listed)
         actor = self.actor
         assert actor is not None
-        raw = self.request.headers.get("X-Sourcegraph-Feature")
-        feature = raw.strip() if raw and raw.strip() else CHAT_COMPLETIONS
-        if feature not in COMPLETION_FEATURES:
-            raise BadRequest("invalid value for X-Sourcegraph-Feature")
-        self.feature = feature
-        rate_limit = actor.limit_for(feature)
-        if rate_limit is None:
-            refresh_in_background(self.services, actor, self.token)
-            raise Forbidden(f"no access to feature {feature}")
-        prefix = f"{self.provider}/"
+        feature = self.record.feature = completion_feature(self.request.headers, required=False)
+        rate_limit = limit_for_feature(self.services, actor, self.token, feature)
+        prefix = f"{self.listed}/"
         master = tuple(prefix + m for m in provider.allowed_models)
-        allowed = evaluate_allowed_models(prefix_bare_models(rate_limit.allowed_models, self.provider), master)
-        return [m for m in catalogue(config, self.provider) if is_model_allowed(prefix + m, allowed)]
+        allowed = evaluate_allowed_models(prefix_bare_models(rate_limit.allowed_models, self.listed), master)
+        return [m for m in catalogue(config, self.listed) if is_model_allowed(prefix + m, allowed)]
 
 
 class AnthropicModelsHandler(_ModelsBase):
-    provider = "anthropic"
+    listed = "anthropic"
+
+    def initialize(self, services: Services, provider: AnthropicMessagesProvider, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(services, **kwargs)
+        self.provider = provider
 
     def _info(self, model: str, cap: Any) -> dict[str, Any]:
         return {
@@ -110,7 +106,7 @@ class AnthropicModelsHandler(_ModelsBase):
 
     def get(self, model_id: str | None = None) -> None:
         models = self.allowed_models()
-        cap = _anthropic_provider(self.services).max_tokens_cap
+        cap = self.provider.max_tokens_cap
         if model_id is not None:
             wanted = model_id.removeprefix("anthropic/").lower()
             for model in models:
@@ -147,7 +143,7 @@ class AnthropicModelsHandler(_ModelsBase):
 
 
 class OpenAIModelsHandler(_ModelsBase):
-    provider = "openai"
+    listed = "openai"
 
     def get(self) -> None:
         models = self.allowed_models()
@@ -167,18 +163,6 @@ def _page_limit(raw: str | None) -> int:
     return value
 
 
-_PROVIDERS: dict[int, AnthropicMessagesProvider] = {}
-
-
-def _anthropic_provider(services: Services) -> AnthropicMessagesProvider:
-    provider = _PROVIDERS.get(id(services))
-    if provider is None:
-        config = services.config
-        provider = AnthropicMessagesProvider(config.providers.anthropic, max_messages=config.server.max_messages)
-        _PROVIDERS[id(services)] = provider
-    return provider
-
-
 class CountTokensHandler(UpstreamHandler):
     """``POST /anthropic/v1/messages/count_tokens``: authenticated and allowlist-checked
     like a message, forwarded to the provider, never charged to the quota."""
@@ -187,28 +171,26 @@ class CountTokensHandler(UpstreamHandler):
     operation = "v1.completions.anthropicmessages.count_tokens"
     accepts_api_key_header = True
 
+    def initialize(self, services: Services, provider: AnthropicMessagesProvider, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(services, **kwargs)
+        self.provider = provider
+        self.record.provider = "anthropic"
+
     async def post(self) -> None:
         services = self.services
-        if not services.config.providers.anthropic.access_token:
-            raise NotFound("404 page not found")
-        actor = self.actor
+        record = self.record
+        actor = record.actor
         assert actor is not None
-        raw = self.request.headers.get("X-Sourcegraph-Feature")
-        feature = raw.strip() if raw and raw.strip() else CHAT_COMPLETIONS
-        if feature not in COMPLETION_FEATURES:
-            raise BadRequest("invalid value for X-Sourcegraph-Feature")
-        self.feature = feature
-        rate_limit = actor.limit_for(feature)
-        if rate_limit is None:
-            refresh_in_background(services, actor, self.token)
-            raise Forbidden(f"no access to feature {feature}")
-        provider = _anthropic_provider(services)
+        feature = record.feature = completion_feature(self.request.headers, required=False)
+        rate_limit = limit_for_feature(services, actor, self.token, feature)
+        provider = self.provider
         model, request = provider.count_tokens_request(self.body(), self.request.headers)
-        self.model = f"anthropic/{model}"
+        resolved = record.model = f"anthropic/{model}"
         allowed = evaluate_allowed_models(prefix_bare_models(rate_limit.allowed_models, "anthropic"), provider.allowed_models)
-        if not is_model_allowed(self.model, allowed):
-            raise BadRequest(f'model "{self.model}" is not allowed, allowed: [{", ".join(allowed)}]')
-        self.set_header("X-Cody-Resolved-Model", self.model)
+        if not is_model_allowed(resolved, allowed):
+            raise BadRequest(f'model "{resolved}" is not allowed, allowed: [{", ".join(allowed)}]')
+        self.resolved_model = resolved
+        self.set_header("X-Cody-Resolved-Model", resolved)
         body = bytearray()
         status: list[int] = []
         limit = services.config.upstream.max_error_body_bytes
@@ -225,10 +207,8 @@ class CountTokensHandler(UpstreamHandler):
         )
         if attempt.outcome == tp.CLIENT_GONE or self.client_gone:
             return
-        if attempt.outcome in (tp.TIMEOUT, tp.STALL):
-            raise UpstreamTimeout("request to upstream provider anthropic timed out")
         if attempt.outcome != tp.OK or attempt.status is None:
-            raise UpstreamError(f"failed to make request to upstream provider anthropic: {attempt.message or attempt.outcome}")
+            raise failure_error(attempt, "anthropic", stall_s=services.config.upstream.stall_timeout_s)
         code = attempt.status
         if code == 429:
             code = 503
