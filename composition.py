@@ -39,6 +39,7 @@ from handlers.completions import CompletionsHandler
 from handlers.diagnostics import HealthHandler, LiveHandler, ReadyHandler, UnknownDiagnosticsHandler, VersionHandler
 from handlers.embeddings import EMBEDDINGS_DISABLED, EmbeddingModelsHandler, Embeddings, EmbeddingsHandler, build_embeddings
 from handlers.flagged_prompts import FlaggedPromptHandler, FlaggedPromptsHandler
+from handlers.leases import LeaseKeeper
 from handlers.limits import LimitsHandler, LimitsRefreshHandler
 from handlers.metrics import MetricsHandler
 from handlers.models import AnthropicModelsHandler, CountTokensHandler, OpenAIModelsHandler
@@ -330,6 +331,7 @@ class Gateway:
         services = self.services
         if self.sync_worker is not None:
             await self.sync_worker.stop()
+        services.leases.stop()
         for hook in services.shutdown_hooks:
             try:
                 await hook()
@@ -394,9 +396,11 @@ async def build_gateway(
         transport=Transport(http_client, config.upstream),
         tracing=tracing,
         retry_policy=upstream_policy(config.upstream),
+        leases=LeaseKeeper(limiter, config.upstream.lease_ttl_s),
         trusted_proxies=proxies,
         version=version,
     )
+    services.leases.start()
     attach_health_and_breaker(services)
     screening = services.screening = make_screening(config, lock_redis)
     request_telemetry = build_request_telemetry(

@@ -11,10 +11,8 @@ import datetime as dt
 import logging
 import math
 import time
-from typing import Any
 
 from tornado.httputil import HTTPHeaders
-from tornado.ioloop import IOLoop
 
 from actors.base import ActorRecentlyUpdated
 from actors.model import CHAT_COMPLETIONS, COMPLETION_FEATURES, Actor, RateLimit
@@ -79,19 +77,21 @@ def rejection(decision: Decision, feature: str) -> RateLimited:
 
 
 class LimitedRequest:
-    """Shared by completions and embeddings: admission, lease renewal and the matching release.
+    """Shared by completions and embeddings: admission and the matching release.
 
     A concurrency lease lives ``upstream.lease_ttl_s`` at most (a process that
-    dies frees its slots within that time), and is renewed every third of it
-    for as long as the request runs, so that a lease never expires under a
+    dies frees its slots within that time); the services' ``LeaseKeeper``
+    renews it while the request runs, so that a lease never expires under a
     live request however long its deadline.
     """
+
+    __slots__ = ("services", "rule", "decision", "renewed_at")
 
     def __init__(self, services: Services) -> None:
         self.services = services
         self.rule: LimitRule | None = None
         self.decision: Decision | None = None
-        self._renewal: Any = None
+        self.renewed_at = 0.0
 
     def make_rule(self, actor_id: str, feature: str, rate_limit: RateLimit, *, timeout_s: float) -> LimitRule:
         upstream = self.services.config.upstream
@@ -113,24 +113,16 @@ class LimitedRequest:
         if decision.allowed:
             self.rule, self.decision = rule, decision
             if rule.concurrency > 0:
-                self._renewal = IOLoop.current().call_later(rule.lease_ttl_s / 3, self._renew)
+                self.services.leases.hold(self)
         return decision
-
-    def _renew(self) -> None:
-        rule, decision = self.rule, self.decision
-        if rule is None or decision is None:
-            return
-        spawn(self.services.limiter.renew(rule, decision, rule.lease_ttl_s), "lease renewal")
-        self._renewal = IOLoop.current().call_later(rule.lease_ttl_s / 3, self._renew)
 
     def release(self, *, refund: bool, actual_cost: int | None = None, actual_tokens: int | None = None) -> None:
         rule, decision = self.rule, self.decision
         if rule is None or decision is None:
             return
         self.rule = self.decision = None
-        if self._renewal is not None:
-            IOLoop.current().remove_timeout(self._renewal)
-            self._renewal = None
+        if rule.concurrency > 0:
+            self.services.leases.drop(self)
         spawn(
             self.services.limiter.release(
                 rule, decision, refund=refund, actual_cost=actual_cost, actual_tokens=actual_tokens
@@ -156,3 +148,4 @@ def refresh_in_background(services: Services, actor: Actor, token: str) -> None:
             log.warning("update-on-error refresh of actor %s failed: %s", actor.id, exc)
 
     spawn(refresh(), "actor refresh")
+

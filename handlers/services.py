@@ -10,6 +10,7 @@ from actors.chain import SourceChain
 from conf.model import Config
 from handlers.client_address import TrustedProxies
 from handlers.guess_throttle import GuessThrottle
+from handlers.leases import LeaseKeeper
 from limiter.base import Limiter
 from telemetry.record import NULL_OBSERVER, RequestObserver
 from telemetry.tracing import Tracing
@@ -38,6 +39,8 @@ class Services:
     tracing: Tracing
     # Completions and OpenAI embeddings (upstreams/retry.py).
     retry_policy: RetryPolicy
+    # Renews the leases of requests that run longer than a third of upstream.lease_ttl_s.
+    leases: LeaseKeeper
     # At most one RateLimited event per actor, feature and cause per window.
     refusals: RefusalSampler = field(default_factory=RefusalSampler)
     # Failed guesses of the diagnostics secret, per client address.
