@@ -52,6 +52,7 @@ from upstreams.decode import (
     opt_str,
     opt_str_list,
     parse_body,
+    passthrough,
     require_object,
 )
 
@@ -84,11 +85,9 @@ PASSTHROUGH_FIELDS: dict[str, type] = {
     "diagnostics": dict,
 }
 REQUEST_FIELDS = CORE_FIELDS + tuple(PASSTHROUGH_FIELDS)
-_KINDS: dict[type, str] = {list: "a list", dict: "an object", str: "a string"}
 _ROLE_LABELS = {"user": "Human: ", "assistant": "Assistant: ", "system": "System: "}
 # Bounds on what one request may carry (far above real use).
 MAX_BLOCKS = 10_000
-MAX_TOOLS = 2_000
 MAX_BETAS = 32
 MAX_TYPE_CHARS = 64
 INTERLEAVED_THINKING_BETA = "interleaved-thinking-2025-05-14"
@@ -158,29 +157,6 @@ def _check_cache_control(block: Mapping[str, Any], path: str) -> None:
     value = block.get("cache_control")
     if value is not None and not isinstance(value, dict):
         raise BadRequest(f"failed to parse request body: field '{path}.cache_control' must be an object")
-
-
-def _passthrough(data: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    present = [key for key in data if key in PASSTHROUGH_FIELDS]
-    if not present:
-        return out
-    for key, expected in PASSTHROUGH_FIELDS.items():
-        value = data.get(key)
-        if value is None:
-            continue
-        if expected is not object and not isinstance(value, expected):
-            kind = _KINDS[expected]
-            raise BadRequest(f"failed to parse request body: field {key!r} must be {kind}, not {type(value).__name__}")
-        check_nesting(value, key)
-        out[key] = value
-    tools = out.get("tools")
-    if tools is not None:
-        if len(tools) > MAX_TOOLS:
-            raise BadRequest(f"failed to parse request body: field 'tools' has more than {MAX_TOOLS} tools")
-        for i, tool in enumerate(tools):
-            require_object(tool, f"tools[{i}]")
-    return out
 
 
 def _thinking_budget(thinking: Mapping[str, Any] | None) -> int | None:
@@ -361,7 +337,7 @@ class AnthropicMessagesProvider:
             raise BadRequest(f"max_tokens exceeds maximum allowed value of {cap}: {max_tokens}")
         if max_tokens is not None and max_tokens < 1:
             raise BadRequest(f"max_tokens must be at least 1: {max_tokens}")
-        extra = _passthrough(data)
+        extra = passthrough(data, PASSTHROUGH_FIELDS)
         budget = _thinking_budget(extra.get("thinking"))
         if (
             budget is not None

@@ -152,3 +152,36 @@ def dropped_fields(data: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str
     lowered = _lowered(names)
     dropped = [key[:_MAX_DROPPED_NAME_CHARS] for key in data if key.lower() not in lowered]
     return tuple(dropped[:_MAX_DROPPED_NAMES])
+
+
+# Tool definitions in one request at most.
+MAX_TOOLS = 2_000
+_KINDS: dict[type, str] = {list: "a list", dict: "an object", str: "a string", bool: "a boolean", int: "an integer"}
+
+
+def passthrough(data: Mapping[str, Any], fields: Mapping[str, type]) -> dict[str, Any]:
+    """The fields of ``fields`` present in ``data``, type- and nesting-checked."""
+    out: dict[str, Any] = {}
+    if not any(key in fields for key in data):
+        return out
+    for key, expected in fields.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        wrong = expected is not object and (
+            not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+        )
+        if wrong:
+            raise BadRequest(
+                f"failed to parse request body: field {key!r} must be {_KINDS[expected]}, not {type(value).__name__}"
+            )
+        check_nesting(value, key)
+        out[key] = value
+    tools = out.get("tools")
+    if tools is not None:
+        if len(tools) > MAX_TOOLS:
+            raise BadRequest(f"failed to parse request body: field 'tools' has more than {MAX_TOOLS} tools")
+        for i, tool in enumerate(tools):
+            require_object(tool, f"tools[{i}]")
+    return out
+

@@ -44,14 +44,10 @@ from upstreams.decode import (
     opt_str,
     opt_str_list,
     parse_body,
+    passthrough,
     require_object,
 )
-from upstreams.openai_chat import (
-    OpenAIStyleCall,
-    message_content,
-    message_extras,
-    passthrough,
-)
+from upstreams.openai_wire import OpenAIStyleCall, message_content, message_extras
 
 PROVIDER = "fireworks"
 CORE_FIELDS = (

@@ -54,9 +54,9 @@ from upstreams.decode import (
     opt_str,
     opt_str_list,
     parse_body,
+    passthrough,
     require_object,
 )
-from upstreams.openai_chat import passthrough
 
 PROVIDER = "google"
 CORE_FIELDS = ("model", "contents", "generationConfig", "safetySettings", "systemInstruction", "stream")

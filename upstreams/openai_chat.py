@@ -34,9 +34,8 @@ from actors.model import CODE_COMPLETIONS
 from conf.model import OpenAIConfig
 from errors import BadRequest
 from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
-from upstreams.buffered_call import BufferedCall, at_least_one
+from upstreams.buffered_call import at_least_one
 from upstreams.decode import (
-    check_nesting,
     dropped_fields,
     known_fields,
     opt_bool,
@@ -46,8 +45,10 @@ from upstreams.decode import (
     opt_object,
     opt_str,
     parse_body,
+    passthrough,
     require_object,
 )
+from upstreams.openai_wire import OpenAIStyleCall, message_content, message_extras
 
 PROVIDER = "openai"
 CORE_FIELDS = (
@@ -83,70 +84,6 @@ PASSTHROUGH_FIELDS: dict[str, type] = {
     "function_call": object,
 }
 REQUEST_FIELDS = CORE_FIELDS + tuple(PASSTHROUGH_FIELDS)
-MAX_PARTS = 10_000
-MAX_TOOLS = 2_000
-_KINDS = {list: "a list", dict: "an object", str: "a string", bool: "a boolean", int: "an integer"}
-
-
-def message_content(value: Any, path: str) -> tuple[Any, str]:
-    """(what to forward, its text) for a message's content."""
-    if value is None:
-        return "", ""
-    if isinstance(value, str):
-        return value, value
-    if not isinstance(value, list):
-        raise BadRequest(f"failed to parse request body: field {path!r} must be a string or a list of parts")
-    if len(value) > MAX_PARTS:
-        raise BadRequest(f"failed to parse request body: field {path!r} has more than {MAX_PARTS} parts")
-    parts: list[dict[str, Any]] = []
-    texts: list[str] = []
-    for i, raw in enumerate(value):
-        where = f"{path}[{i}]"
-        part = require_object(raw, where)
-        kind = opt_str(part, "type", f"{where}.type") or "text"
-        if kind == "text":
-            text = opt_str(part, "text", f"{where}.text") or ""
-            out: dict[str, Any] = {"type": "text", "text": text}
-            for key, extra in part.items():
-                if key not in ("type", "text"):
-                    out[key] = extra
-            if len(out) > 2:
-                check_nesting(out, where)
-            parts.append(out)
-            texts.append(text)
-            continue
-        if len(kind) > 64:
-            raise BadRequest(f"failed to parse request body: field '{where}.type' is too long")
-        check_nesting(part, where)
-        parts.append(part)
-    return parts, "".join(texts)
-
-
-def passthrough(data: Mapping[str, Any], fields: Mapping[str, type]) -> dict[str, Any]:
-    """The fields of ``fields`` present in ``data``, type- and nesting-checked."""
-    out: dict[str, Any] = {}
-    if not any(key in fields for key in data):
-        return out
-    for key, expected in fields.items():
-        value = data.get(key)
-        if value is None:
-            continue
-        wrong = expected is not object and (
-            not isinstance(value, expected) or (expected is int and isinstance(value, bool))
-        )
-        if wrong:
-            raise BadRequest(
-                f"failed to parse request body: field {key!r} must be {_KINDS[expected]}, not {type(value).__name__}"
-            )
-        check_nesting(value, key)
-        out[key] = value
-    tools = out.get("tools")
-    if tools is not None:
-        if len(tools) > MAX_TOOLS:
-            raise BadRequest(f"failed to parse request body: field 'tools' has more than {MAX_TOOLS} tools")
-        for i, tool in enumerate(tools):
-            require_object(tool, f"tools[{i}]")
-    return out
 
 
 def _stop(data: Mapping[str, Any]) -> str | list[str] | None:
@@ -166,82 +103,6 @@ def _logit_bias(data: Mapping[str, Any]) -> dict[str, Any] | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise BadRequest(f"failed to parse request body: logit_bias[{key!r}] must be a number")
     return bias
-
-
-def message_extras(msg: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """``tool_calls`` (assistant) and ``tool_call_id`` (tool), checked, to forward."""
-    out: dict[str, Any] = {}
-    if "tool_calls" not in msg and "tool_call_id" not in msg:
-        return out
-    tool_calls = msg.get("tool_calls")
-    if tool_calls is not None:
-        if not isinstance(tool_calls, list):
-            raise BadRequest(f"failed to parse request body: field '{path}.tool_calls' must be a list")
-        for i, call in enumerate(tool_calls):
-            require_object(call, f"{path}.tool_calls[{i}]")
-        check_nesting(tool_calls, f"{path}.tool_calls")
-        out["tool_calls"] = tool_calls
-    tool_call_id = opt_str(msg, "tool_call_id", f"{path}.tool_call_id")
-    if tool_call_id is not None:
-        out["tool_call_id"] = tool_call_id
-    return out
-
-
-def is_final_usage_event(event: Mapping[str, Any]) -> bool:
-    """A stream chunk whose usage is final: the usage-only chunk (no choices) or a
-    chunk that finishes a choice. Usage on any other chunk is a running count."""
-    choices = event.get("choices")
-    if not choices:
-        return True
-    if isinstance(choices, list):
-        return any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
-    return False
-
-
-class OpenAIStyleCall(BufferedCall):
-    """OpenAI-shaped streams and bodies (OpenAI and Fireworks chat)."""
-
-    def _on_event(self, name: bytes, data: bytes) -> None:
-        event = self._json(data)
-        if event is None:
-            return
-        if self._took_error(event, "choices"):
-            return
-        self._read_choices(event.get("choices"), "delta")
-        usage = event.get("usage")
-        if isinstance(usage, dict):
-            self._read_openai_usage(usage, final=is_final_usage_event(event))
-
-    def _on_body(self, data: dict[str, Any]) -> None:
-        self._read_choices(data.get("choices"), "message")
-        if self._usage.completion_chars is None:
-            self._usage.completion_chars = 0
-        self._read_usage(data.get("usage"))
-
-    def _read_choices(self, choices: Any, message_key: str) -> None:
-        if not isinstance(choices, list):
-            return
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            text = choice.get("text")
-            if isinstance(text, str):
-                self._add_text(text)
-            message = choice.get(message_key)
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, str):
-                self._add_text(content)
-            elif message_key == "message":
-                self._add_text("")
-            tool_calls = message.get("tool_calls")
-            if isinstance(tool_calls, list):
-                for call in tool_calls:
-                    function = call.get("function") if isinstance(call, dict) else None
-                    arguments = function.get("arguments") if isinstance(function, dict) else None
-                    if isinstance(arguments, str):
-                        self._add_text(arguments)
 
 
 class OpenAIChatCall(OpenAIStyleCall):
