@@ -85,6 +85,11 @@ PASSTHROUGH_FIELDS: dict[str, type] = {
     "diagnostics": dict,
 }
 REQUEST_FIELDS = CORE_FIELDS + tuple(PASSTHROUGH_FIELDS)
+# What POST /v1/messages/count_tokens takes (same docs date).
+COUNT_TOKENS_FIELDS = (
+    "model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "context_management",
+    "output_config", "output_format",
+)
 _ROLE_LABELS = {"user": "Human: ", "assistant": "Assistant: ", "system": "System: "}
 # Bounds on what one request may carry (far above real use).
 MAX_BLOCKS = 10_000
@@ -311,11 +316,7 @@ class AnthropicMessagesProvider:
         raw = parse_body(body)
         data = known_fields(raw, REQUEST_FIELDS)
         upstream_headers = self.headers_for(headers)
-        raw_messages = opt_list(data, "messages")
-        if raw_messages is None:
-            raise BadRequest('request body must contain "messages" field')
-        if len(raw_messages) > self._max_messages:
-            raise BadRequest(f"too many messages: {len(raw_messages)} (at most {self._max_messages})")
+        raw_messages = self._messages(data)
         messages: list[dict[str, Any]] = []
         texts: list[str] = []
         for i, raw_message in enumerate(raw_messages):
@@ -399,17 +400,21 @@ class AnthropicMessagesProvider:
             prompt_text=prompt,
         )
 
-    def count_tokens_request(self, body: bytes, headers: Mapping[str, str]) -> tuple[str, UpstreamRequest]:
-        """(model, upstream request) for ``POST /v1/messages/count_tokens``: the same
-        checks as a message, the body the API's count_tokens takes."""
-        raw = parse_body(body)
-        data = known_fields(raw, ("model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "context_management", "output_config", "output_format"))
-        upstream_headers = self.headers_for(headers)
+    def _messages(self, data: Mapping[str, Any]) -> list[Any]:
         raw_messages = opt_list(data, "messages")
         if raw_messages is None:
             raise BadRequest('request body must contain "messages" field')
         if len(raw_messages) > self._max_messages:
             raise BadRequest(f"too many messages: {len(raw_messages)} (at most {self._max_messages})")
+        return raw_messages
+
+    def count_tokens_request(self, body: bytes, headers: Mapping[str, str]) -> tuple[str, UpstreamRequest]:
+        """(model, upstream request) for ``POST /v1/messages/count_tokens``: the same
+        checks as a message, the body the API's count_tokens takes."""
+        raw = parse_body(body)
+        data = known_fields(raw, COUNT_TOKENS_FIELDS)
+        upstream_headers = self.headers_for(headers)
+        raw_messages = self._messages(data)
         for i, raw_message in enumerate(raw_messages):
             msg = require_object(raw_message, f"messages[{i}]")
             opt_str(msg, "role", f"messages[{i}].role")
