@@ -40,6 +40,8 @@ MAX_TEXT_FOR_TOKENIZER = 2_000_000
 # many characters (cut before a space, where cl100k splits anyway), so a
 # stream holds at most one piece of text, whatever its length.
 COUNT_PIECE_CHARS = 2048
+# Pending text pieces joined into one string past this many.
+_JOIN_PIECES = 16
 # A non-streamed response body larger than this is relayed but not parsed.
 MAX_BODY_FOR_USAGE = 8 << 20
 # The largest usage number taken from an upstream (2**32: the largest context
@@ -189,10 +191,15 @@ class BufferedCall:
         # provider reported its final completion tokens (a reported count is
         # never taken back). Until then it is counted piece by piece.
         if usage.completion_tokens is None and self._counted_chars + self._text_len < MAX_TEXT_FOR_TOKENIZER:
-            self._text.append(text)
+            pending = self._text
+            pending.append(text)
             self._text_len += len(text)
             if self._text_len >= COUNT_PIECE_CHARS:
                 self._count_pending()
+            elif len(pending) >= _JOIN_PIECES:
+                # A stream's deltas are a few characters each; one string instead of
+                # dozens of small ones keeps an open stream's memory down.
+                self._text = ["".join(pending)]
 
     def _count_pending(self) -> None:
         """Count the pending text up to its last space before a word (cl100k never
