@@ -256,13 +256,16 @@ class Parts:
 def route_table(parts: Parts) -> list[Route]:
     """Every URL the gateway serves, in match order; unknown paths get the JSON 404."""
 
-    def completions(path: str, provider: str, *, sdk: bool = False) -> Route:
-        if provider not in parts.providers:
-            return (path, DisabledRouteHandler, {"message": disabled_message(provider)})
-        return (path, CompletionsHandler, {"provider": parts.providers[provider], "sdk_route": sdk})
-
     def needs(provider: str, route: Route) -> Route:
+        """The route while ``provider`` is enabled; else a 404 naming what enables it."""
         return route if provider in parts.providers else (route[0], DisabledRouteHandler, {"message": disabled_message(provider)})
+
+    def provided(path: str, handler: type[tornado.web.RequestHandler], provider: str, **kwargs: Any) -> Route:
+        """A route whose handler is built from ``provider``."""
+        return needs(provider, (path, handler, {"provider": parts.providers.get(provider), **kwargs}))
+
+    def completions(path: str, provider: str, *, sdk: bool = False) -> Route:
+        return provided(path, CompletionsHandler, provider, sdk_route=sdk)
 
     def embeddings(path: str, handler: type[tornado.web.RequestHandler], **kwargs: Any) -> Route:
         if parts.embeddings is None:
@@ -293,12 +296,9 @@ def route_table(parts: Parts) -> list[Route]:
         embeddings(r"/v1/embeddings/models",           EmbeddingModelsHandler),
         # The official SDKs' routes (base_url <gateway>/anthropic and <gateway>/openai/v1).
         completions(r"/anthropic/v1/messages",             "anthropic-messages", sdk=True),
-        needs("anthropic-messages", (r"/anthropic/v1/messages/count_tokens", CountTokensHandler,
-                                     {"provider": parts.providers.get("anthropic-messages")})),
-        needs("anthropic-messages", (r"/anthropic/v1/models",            AnthropicModelsHandler,
-                                     {"provider": parts.providers.get("anthropic-messages")})),
-        needs("anthropic-messages", (r"/anthropic/v1/models/([^/]+)",    AnthropicModelsHandler,
-                                     {"provider": parts.providers.get("anthropic-messages")})),
+        provided(r"/anthropic/v1/messages/count_tokens",   CountTokensHandler,      "anthropic-messages"),
+        provided(r"/anthropic/v1/models",                  AnthropicModelsHandler,  "anthropic-messages"),
+        provided(r"/anthropic/v1/models/([^/]+)",          AnthropicModelsHandler,  "anthropic-messages"),
         completions(r"/openai/v1/chat/completions",        "openai", sdk=True),
         needs("openai", (r"/openai/v1/models",             OpenAIModelsHandler,      {})),
         embeddings(r"/openai/v1/embeddings",           EmbeddingsHandler,        sdk_route=True),
