@@ -5,15 +5,10 @@ Through the sources, against the local GraphQL fake (fakes/graphql.py); cache in
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
-
 import pytest
 
 from actors.chain import SourceChain, TokenDeniedError
-from conf.model import ActorsConfig
 from fakes.graphql import Plan
-from tests import test_actor_sources
 from tests.test_actor_sources import (
     MODELS,
     SUB_TOKEN,
@@ -27,39 +22,6 @@ from tests.test_actor_sources import (
 
 pytestmark = pytest.mark.timeout(60)
 
-_make_config = test_actor_sources.make_config
-
-
-def _config_with_new_fields(**overrides: Any) -> ActorsConfig:
-    """make_config, tolerating ActorsConfig fields added since (a field edited meanwhile in conf/)."""
-    try:
-        return _make_config(**overrides)
-    except TypeError:
-        return replace(_reference_config(), **overrides)
-
-
-def _reference_config() -> ActorsConfig:
-    return ActorsConfig(
-        sources=("anonymous", "static", "dotcom-user", "product-subscriptions"),
-        allow_anonymous=False,
-        static_file="",
-        static_file_optional=False,
-        concurrency_limit_percentage=50,
-        concurrency_limit_interval=10.0,
-        local_cache_ttl=10.0,
-        sources_sync_interval=120.0,
-        sources_cache_ttl=86400.0,
-        dotcom_api_url="",
-        dotcom_access_token="",
-        dotcom_client_id="",
-        dotcom_actor_cooldown=300.0,
-        subscription_actor_cooldown=600.0,
-        identifiers_to_log_for=(),
-        attribution_enabled=True,
-    )
-
-
-test_actor_sources.make_config = _config_with_new_fields
 
 
 def test_dotcom_user_usage_is_reset_only_when_the_interval_changes() -> None:
