@@ -330,7 +330,10 @@ def test_text_only_upstream_request_is_byte_identical(request_body: dict[str, An
     provider = AnthropicMessagesProvider(config.providers.anthropic, max_messages=100)
     call = provider.parse(json.dumps(request_body).encode(), feature="chat_completions", identifier="actor:uid", headers={})
     assert call.upstream_request().body == expected
-    assert dict(call.upstream_request().headers) == {"Content-Type": "application/json", "X-API-Key": "k", "anthropic-version": "2023-06-01"}
+    # The reference's headers, plus the identity encoding the transport always asked for (issue 17 item 11).
+    assert dict(call.upstream_request().headers) == {
+        "Content-Type": "application/json", "X-API-Key": "k", "anthropic-version": "2023-06-01", "Accept-Encoding": "identity",
+    }  # fmt: skip
 
 
 # -- models and token counting ----------------------------------------------------------------

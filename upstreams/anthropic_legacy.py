@@ -21,7 +21,7 @@ import orjson
 
 from conf.model import AnthropicConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
+from upstreams.base import IDENTITY_ENCODING, CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.buffered_call import BufferedCall, at_least_one
 from upstreams.decode import (
     known_fields,
@@ -86,6 +86,7 @@ class AnthropicLegacyProvider:
             "Client": "sourcegraph-cody-gateway/1.0",
             "X-API-Key": config.access_token,
             "anthropic-version": API_VERSION,
+            **IDENTITY_ENCODING,
         }
         self.allowed_models = tuple(f"{PROVIDER}/{m}" for m in config.allowed_models)
 

@@ -39,7 +39,7 @@ import orjson
 from actors.limits import glob_match
 from conf.model import AnthropicConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
+from upstreams.base import IDENTITY_ENCODING, CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.buffered_call import BufferedCall, usage_count
 from upstreams.decode import (
     check_nesting,
@@ -294,6 +294,7 @@ class AnthropicMessagesProvider:
             "Content-Type": "application/json",
             "X-API-Key": config.access_token,
             "anthropic-version": API_VERSION,
+            **IDENTITY_ENCODING,
         }
         self._max_messages = max_messages
         self._allowed_betas = frozenset(b.lower() for b in config.allowed_betas)

@@ -61,6 +61,12 @@ class Usage:
         }
 
 
+# In every provider's headers, built once: the relay counts and parses the bytes it
+# passes on, which a compressed body would hide (the transport adds it to any request
+# without it, at the cost of a copy per request).
+IDENTITY_ENCODING = {"Accept-Encoding": "identity"}
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     url: str

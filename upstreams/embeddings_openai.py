@@ -14,7 +14,7 @@ from typing import Any
 from conf.model import OpenAIConfig, UpstreamConfig
 from errors import BadRequest
 from upstreams import transport as tp
-from upstreams.base import UpstreamRequest, json_body
+from upstreams.base import IDENTITY_ENCODING, UpstreamRequest, json_body
 from upstreams.embeddings import (
     OPENAI,
     OPENAI_SHORTENABLE_PREFIX,
@@ -44,7 +44,7 @@ class OpenAIEmbeddingsClient:
         self._upstream = upstream
         self._policy = upstream_policy(upstream)
         self.url = config.api_url.rstrip("/") + "/v1/embeddings"
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.access_token}"}
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.access_token}", **IDENTITY_ENCODING}
         if config.org_id:
             headers["OpenAI-Organization"] = config.org_id
         self._headers = headers

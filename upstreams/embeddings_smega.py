@@ -14,7 +14,7 @@ from typing import Any
 
 from conf.model import SourcegraphEmbeddingsConfig
 from upstreams import transport as tp
-from upstreams.base import UpstreamRequest, json_body
+from upstreams.base import IDENTITY_ENCODING, UpstreamRequest, json_body
 from upstreams.embeddings import (
     SMEGA_DIMENSIONS,
     SOURCEGRAPH,
@@ -43,7 +43,7 @@ class SmegaEmbeddingsClient:
         self._stall_s = stall_s
         self._transport = transport
         self.url = config.api_url
-        self._headers = {"Content-Type": "application/json", AUTH_HEADER: config.access_token}
+        self._headers = {"Content-Type": "application/json", AUTH_HEADER: config.access_token, **IDENTITY_ENCODING}
 
     def validate(self, request: EmbeddingsRequest) -> None:
         texts_only(request)

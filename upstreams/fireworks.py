@@ -32,7 +32,7 @@ import orjson
 from actors.model import CHAT_COMPLETIONS
 from conf.model import FireworksConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
+from upstreams.base import IDENTITY_ENCODING, CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.buffered_call import at_least_one
 from upstreams.decode import (
     dropped_fields,
@@ -210,7 +210,7 @@ class FireworksProvider:
         base = config.api_url.rstrip("/")
         self._chat_url = base + "/inference/v1/chat/completions"
         self._text_url = base + "/inference/v1/completions"
-        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.access_token}"}
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.access_token}", **IDENTITY_ENCODING}
         self._traced_headers = {**self._headers, "X-Fireworks-Genie": "true"}
         self._max_messages = max_messages
         self._roll = roll

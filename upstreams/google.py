@@ -40,7 +40,7 @@ import orjson
 
 from conf.model import GoogleConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
+from upstreams.base import IDENTITY_ENCODING, CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.buffered_call import BufferedCall, at_least_one, usage_count
 from upstreams.decode import (
     check_nesting,
@@ -243,7 +243,7 @@ class GoogleProvider:
     def __init__(self, config: GoogleConfig, *, max_messages: int) -> None:
         self._base = config.api_url.rstrip("/") + "/v1beta/models/"
         self._key = quote(config.access_token, safe="")
-        self._headers = {"Content-Type": "application/json"}
+        self._headers = {"Content-Type": "application/json", **IDENTITY_ENCODING}
         self._max_messages = max_messages
         self.allowed_models = tuple(f"{PROVIDER}/{m}" for m in config.allowed_models)
 

@@ -33,7 +33,7 @@ import orjson
 from actors.model import CODE_COMPLETIONS
 from conf.model import OpenAIConfig
 from errors import BadRequest
-from upstreams.base import CallInfo, FlagInput, UpstreamRequest, json_body
+from upstreams.base import IDENTITY_ENCODING, CallInfo, FlagInput, UpstreamRequest, json_body
 from upstreams.buffered_call import at_least_one
 from upstreams.decode import (
     dropped_fields,
@@ -166,7 +166,7 @@ class OpenAIChatProvider:
 
     def __init__(self, config: OpenAIConfig, *, max_messages: int) -> None:
         self._url = config.api_url.rstrip("/") + "/v1/chat/completions"
-        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.access_token}"}
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.access_token}", **IDENTITY_ENCODING}
         if config.org_id:
             self._headers["OpenAI-Organization"] = config.org_id
         self._max_messages = max_messages
