@@ -21,7 +21,6 @@ import socket
 import struct
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -38,6 +37,7 @@ from redisconn.connect import connect
 from redisconn.resp import RespAddress, RespClient
 from tests.support.redis_servers import RedisClusterServers, RedisServer, wait_until
 from tests.test_limiter_contract import Backend, wait_for
+from tests.test_limiter_contract import rule as contract_rule
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,14 +45,8 @@ FEATURE = "chat_completions"
 
 
 def rule(**overrides: Any) -> LimitRule:
-    fields: dict[str, Any] = {
-        "bucket": "actor-" + uuid.uuid4().hex[:8],
-        "feature": FEATURE,
-        "limit": 100,
-        "interval_s": 3600.0,
-    }
-    fields.update(overrides)
-    return LimitRule(**fields)
+    """The contract suite's rule, with room for 100 admissions."""
+    return contract_rule(**{"limit": 100, **overrides})
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
