@@ -137,6 +137,15 @@ class BaseHandler(tornado.web.RequestHandler):
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
+        self.release_references()
+
+    def release_references(self) -> None:
+        """Break the reference cycles a handler's request made, once it is over.
+
+        Whatever the garbage collector must free (rather than reference
+        counting) is a cost per request, paid in collections that stall the
+        loop; tests/test_request_garbage.py checks that a request leaves none.
+        """
 
     # -- auth ------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import orjson
 from tornado.httputil import HTTPHeaders
 
 from abuse.screening import Subject
-from actors.limits import evaluate_allowed_models, is_model_allowed, prefix_bare_models
+from actors.limits import model_admitted, provider_allowlist
 from errors import BadRequest, ServiceUnavailable, UpstreamError
 from handlers.admission import (
     LimitedRequest,
@@ -103,8 +103,8 @@ class CompletionsHandler(UpstreamHandler):
         record.upstream_model, record.stream, record.max_tokens = info.model, info.stream, info.max_tokens
         record.dropped_fields = info.dropped_fields
         record.traced = bool(getattr(call, "traced", False))
-        allowed = evaluate_allowed_models(prefix_bare_models(rate_limit.allowed_models, provider.name), provider.allowed_models)
-        if not is_model_allowed(model, allowed, provider.virtual_models()):
+        allowed = provider_allowlist(rate_limit.allowed_models, provider.name, provider.allowed_models)
+        if not model_admitted(model, allowed, provider):
             raise BadRequest(f'model "{model}" is not allowed, allowed: [{", ".join(allowed)}]')
         screening = self.services.screening
         if screening is not None:
@@ -327,6 +327,10 @@ class CompletionsHandler(UpstreamHandler):
             log.error("upstream %s returned %d", self.provider.name, status)
         self.record.outcome = Outcome.ERROR
         self.finish(bytes(self._error_body))
+
+    def release_references(self) -> None:
+        super().release_references()
+        self.relay.detach()
 
     # -- 4. record ------------------------------------------------------------------
 

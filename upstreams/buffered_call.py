@@ -93,6 +93,8 @@ class BufferedCall:
         return self._flag
 
     def feed(self, chunk: bytes) -> bytes | None:
+        if self._finished:
+            return None
         if self._parser is not None:
             self._parser.feed(chunk)
             if self._parser.protocol_error is not None and self.protocol_error is None:
@@ -111,6 +113,9 @@ class BufferedCall:
         self._finished = True
         if self._parser is not None:
             self._parser.close()
+            # The parser holds this call's event callback: a reference cycle per
+            # stream for the garbage collector, unless cut once parsing is over.
+            self._parser = None
         elif self._body:
             try:
                 data = orjson.loads(self._body)

@@ -34,7 +34,7 @@ from typing import Any
 
 import pycurl
 from tornado.curl_httpclient import CurlError
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders, HTTPInputError
 from tornado.ioloop import IOLoop, PeriodicCallback
 
@@ -207,6 +207,16 @@ class Transport:
                 abort._listener = None
             loop.remove_timeout(backstop)
             self._live.discard(exchange)
+            # The request holds the exchange's callbacks and the exchange the
+            # request: a cycle per attempt for the garbage collector, unless cut here.
+            exchange.request = None
+            exchange.client = None
+            exchange.curl = None
+            http_request.streaming_callback = None
+            http_request.prepare_curl_callback = None
+        if response is not None and isinstance(error, HTTPClientError):
+            # Tornado's error response and its error point at each other.
+            error.response = None
         attempt.ended_at = time.monotonic()
         if exchange.refused is not None:
             # The response head itself was refused (a redirect, a compressed
