@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 from functools import lru_cache
 
 DAY_S = 86400.0
@@ -90,3 +91,22 @@ def is_model_allowed(model: str, allowed: Iterable[str], virtual: dict[str, froz
         if virtual and wanted in virtual.get(entry.lower(), frozenset()):
             return True
     return False
+
+
+class _HasVirtualModels(Protocol):
+    def virtual_models(self) -> dict[str, frozenset[str]]: ...
+
+
+# The same few allowlists and models come back on every request: evaluating
+# the globs each time was a measurable share of a small request. Both caches
+# are bounded (models are the client's choice).
+@lru_cache(maxsize=2048)
+def provider_allowlist(actor_models: tuple[str, ...], provider: str, master: tuple[str, ...]) -> tuple[str, ...]:
+    """The actor's completions allowlist (bare entries prefixed) intersected with the provider's."""
+    return tuple(evaluate_allowed_models(prefix_bare_models(actor_models, provider), master))
+
+
+@lru_cache(maxsize=8192)
+def model_admitted(model: str, allowed: tuple[str, ...], provider: _HasVirtualModels) -> bool:
+    """``is_model_allowed`` with the provider's virtual models, cached."""
+    return is_model_allowed(model, allowed, provider.virtual_models())

@@ -174,6 +174,8 @@ class FailoverLimiter:
         self._fallback = fallback
         self._policy = policy
         self._timeout_s = timeout_s
+        own = getattr(primary, "call_timeout_s", None)
+        self._primary_bounded = isinstance(own, (int, float)) and 0 < own <= timeout_s
         self._probe_interval_s = probe_interval_s
         self._pending: deque[_PendingRelease] = deque()
         self._max_pending = max_pending_releases
@@ -229,8 +231,11 @@ class FailoverLimiter:
         """Run one primary call under the timeout; start an outage if it fails."""
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self._timeout_s):
+            if self._primary_bounded:
                 result = await call()
+            else:
+                async with asyncio.timeout(self._timeout_s):
+                    result = await call()
         except (TimeoutError, RedisTimeoutError) as err:
             self.stats.primary_timeouts += 1
             self._emit(op, started, "timeout")

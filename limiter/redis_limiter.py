@@ -159,6 +159,15 @@ class RedisLimiter:
         self._released = asyncio.Event()
         self._released.set()
 
+    @property
+    def call_timeout_s(self) -> float | None:
+        """The deadline every call already has on its own (the RESP client's), or None.
+
+        The failover limiter skips its own timer per call when this is within
+        its timeout: a second timer per Redis call was pure cost.
+        """
+        return self._lean.timeout_s if self._lean is not None else None
+
     @staticmethod
     def new_lease_id(rule: LimitRule) -> str | None:
         """A fresh lease id for ``rule`` (None when it takes no lease); see ``acquire``."""

@@ -171,9 +171,19 @@ def _arg_bytes(arg: Any) -> bytes:
 def encode_command(args: tuple[Any, ...]) -> bytes:
     """One command as a RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
     for arg in args:
-        data = _arg_bytes(arg)
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        # The limiter's arguments are str and int: those two first, without the checks.
+        kind = type(arg)
+        if kind is str:
+            data = arg.encode()
+        elif kind is int:
+            data = b"%d" % arg
+        else:
+            data = _arg_bytes(arg)
+        append(b"$%d\r\n" % len(data))
+        append(data)
+        append(b"\r\n")
     return b"".join(parts)
 
 

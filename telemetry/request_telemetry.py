@@ -31,6 +31,7 @@ from telemetry.tracing import (
     Tracing,
     genai_attributes,
     limiter_attributes,
+    mark_error,
 )
 
 if TYPE_CHECKING:
@@ -90,31 +91,42 @@ class RequestTelemetry:
     # -- around the pipeline's awaits -------------------------------------------------
 
     async def auth(self, record: RequestRecord, lookup: Awaitable[Actor]) -> Actor:
-        with self.tracing.child_span(record.span, SPAN_AUTH) as span:
-            try:
-                actor = await lookup
-            except Exception as exc:
+        span = self.tracing.start_child(SPAN_AUTH, record.span)
+        try:
+            actor = await lookup
+        except BaseException as exc:
+            if isinstance(exc, Exception):
                 self.metrics.auth_result(str(getattr(exc, "source", "") or "none"), _auth_outcome(exc))
-                raise
-            source = actor.source or "none"
+            mark_error(span, exc)
+            span.end()
+            raise
+        source = actor.source or "none"
+        self.metrics.auth_result(source, "ok")
+        if span.is_recording():
             span.set_attribute("matched_source", source)
-            self.metrics.auth_result(source, "ok")
-            return actor
+            span.end()
+        return actor
 
     async def limiter(self, record: RequestRecord, rule: LimitRule, acquire: Awaitable[Decision]) -> Decision:
         feature = _feature_label(rule.feature)
         started = time.monotonic()
-        with self.tracing.child_span(record.span, SPAN_LIMITER, limiter_attributes(rule, None)) as span:
-            try:
-                decision = await acquire
-            except Exception:
+        span = self.tracing.start_child(SPAN_LIMITER, record.span)
+        try:
+            decision = await acquire
+        except BaseException as exc:
+            if isinstance(exc, Exception):
                 self.metrics.limiter_decision(feature, "unavailable", time.monotonic() - started)
-                raise
-            allowed = decision.allowed
-            self.metrics.limiter_decision(feature, "allowed" if allowed else (decision.cause or QUOTA), time.monotonic() - started)
             if span.is_recording():
-                span.set_attributes(limiter_attributes(rule, decision))
-            return decision
+                span.set_attributes(limiter_attributes(rule, None))
+            mark_error(span, exc)
+            span.end()
+            raise
+        allowed = decision.allowed
+        self.metrics.limiter_decision(feature, "allowed" if allowed else (decision.cause or QUOTA), time.monotonic() - started)
+        if span.is_recording():
+            span.set_attributes(limiter_attributes(rule, decision))
+            span.end()
+        return decision
 
     async def upstream(self, record: RequestRecord, relay: Awaitable[T]) -> T:
         provider, feature = record.provider, _feature_label(record.feature)
@@ -137,12 +149,18 @@ class RequestTelemetry:
         if span is None or not span.is_recording():
             recorder.record(event)
             return
-        with self.tracing.child_span(span, SPAN_EVENT, {"source": event.source, "event.name": event.name}) as child:
+        child = self.tracing.start_child(SPAN_EVENT, span, {"source": event.source, "event.name": event.name})
+        try:
             recorder.record(event)
-            backlog = getattr(recorder, "backlog", None)
-            child.set_attribute("event.buffered", backlog is not None)
-            if isinstance(backlog, int):
-                child.set_attribute("buffer.backlog", backlog)
+        except BaseException as exc:
+            mark_error(child, exc)
+            child.end()
+            raise
+        backlog = getattr(recorder, "backlog", None)
+        child.set_attribute("event.buffered", backlog is not None)
+        if isinstance(backlog, int):
+            child.set_attribute("buffer.backlog", backlog)
+        child.end()
 
     def rate_limited(self, record: RequestRecord, decision: Decision) -> None:
         try:

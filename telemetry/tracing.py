@@ -24,8 +24,7 @@ conventions (``chat claude-3-haiku``, ``gen_ai.system``, ``gen_ai.usage.*``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -138,38 +137,16 @@ class Tracing:
         _REQUEST_IDS.set(span_ids(span))
         return span
 
-    def start_child(self, name: str, parent: Span, attributes: dict[str, Any] | None = None) -> Span:
-        if not parent.is_recording():
-            return trace.INVALID_SPAN
-        return self.tracer.start_span(name, parent.get_span_context(), attributes=attributes)
+    def start_child(self, name: str, parent: Span | None, attributes: dict[str, Any] | None = None) -> Span:
+        """A child of ``parent`` (a no-op span if ``parent`` is not recording); the caller ends it.
 
-    @contextmanager
-    def child_span(
-        self,
-        parent: Span | None,
-        name: str,
-        attributes: dict[str, Any] | None = None,
-        *,
-        kind: SpanKind = SpanKind.INTERNAL,
-    ) -> Iterator[Span]:
-        """A child of ``parent`` around a block, current inside it; a no-op span if not recording.
-
-        An exception leaving the block marks the span as an error (with the
-        exception's type, never its message: messages can quote a prompt).
+        It is not made current: nothing below the pipeline's own steps reads
+        the current span (log lines use the request's ids), and attaching a
+        context per step was a measurable share of a request.
         """
         if parent is None or not parent.is_recording():
-            yield trace.INVALID_SPAN
-            return
-        span = self.tracer.start_span(name, parent.get_span_context(), kind=kind, attributes=attributes)
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            yield span
-        except BaseException as exc:
-            mark_error(span, exc)
-            raise
-        finally:
-            otel_context.detach(token)
-            span.end()
+            return trace.INVALID_SPAN
+        return self.tracer.start_span(name, parent.get_span_context(), attributes=attributes)
 
     def past_span(
         self,

@@ -95,7 +95,8 @@ def with_request_context(
     metadata[TRACE_ID_KEY] = trace_id or ""
     if interaction_id:
         metadata[INTERACTION_ID_KEY] = interaction_id
-    return dataclasses.replace(event, metadata=metadata)
+    # Not dataclasses.replace: it inspects the fields on every call (this runs per request).
+    return Event(event.name, event.source, event.identifier, metadata, event.created_at, event.event_id)
 
 
 def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -341,18 +342,21 @@ class EventLogger:
     def _normalise(self, event: Event) -> Event:
         # The reference's BigQuery logger silently discards events with an
         # empty identifier; we keep them under "unknown" and count them.
-        changes: dict[str, Any] = {}
-        if not event.identifier:
-            changes["identifier"] = UNKNOWN_IDENTIFIER
+        identifier = event.identifier
+        if not identifier:
+            identifier = UNKNOWN_IDENTIFIER
             self.unidentified += 1
-        if not event.name:
-            changes["name"] = UNKNOWN_IDENTIFIER
-        if not event.source:
-            changes["source"] = UNKNOWN_IDENTIFIER
         # A copy, so a caller changing its dict after record() cannot make the
         # delivered row differ from the journaled one.
-        changes["metadata"] = dict(event.metadata) if isinstance(event.metadata, Mapping) else {}
-        return dataclasses.replace(event, **changes)
+        metadata = dict(event.metadata) if isinstance(event.metadata, Mapping) else {}
+        return Event(
+            event.name or UNKNOWN_IDENTIFIER,
+            event.source or UNKNOWN_IDENTIFIER,
+            identifier,
+            metadata,
+            event.created_at,
+            event.event_id,
+        )
 
     def _kick(self) -> None:
         if self._kick_scheduled or self._loop is None:
