@@ -351,11 +351,16 @@ class _Exchange:
             self.headers = HTTPHeaders()
             self.complete = False
         elif line:
-            if self.headers is None:
-                self.headers = HTTPHeaders()
-            # A garbled upstream header line is dropped, not fatal.
-            with contextlib.suppress(HTTPInputError, ValueError):
-                self.headers.parse_line(line)
+            headers = self.headers
+            if headers is None:
+                headers = self.headers = HTTPHeaders()
+            # What HTTPHeaders.parse_line does for a line without its CRLF, without
+            # its per-line regex search for one. A garbled line (no colon, folded,
+            # invalid characters: ``add`` validates) is dropped, not fatal.
+            name, colon, value = line.partition(":")
+            if colon and not line[0].isspace():
+                with contextlib.suppress(HTTPInputError):
+                    headers.add(name, value.strip(" \t"))
         elif self.status >= 200:
             self.refused = _refusal(self.status, self.headers)
             if self.refused is not None:
