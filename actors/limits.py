@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Protocol
 from functools import lru_cache
+from typing import Protocol
 
 DAY_S = 86400.0
 # Glob characters of an allowlist entry: "*" any run of characters, "?" one.
@@ -95,6 +95,8 @@ def is_model_allowed(model: str, allowed: Iterable[str], virtual: dict[str, froz
 
 class _HasVirtualModels(Protocol):
     def virtual_models(self) -> dict[str, frozenset[str]]: ...
+
+    def __hash__(self) -> int: ...
 
 
 # The same few allowlists and models come back on every request: evaluating

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -58,28 +60,36 @@ class CompletionsHandler(UpstreamHandler):
 
     route_class = "completions"
 
+    # Class defaults (see BaseHandler): set on the instance only when they change.
+    call: ProviderCall | None = None
+    # What the last upstream attempt gave, once the exchange is over.
+    last_attempt: tp.Attempt | None = None
+    extra_metadata: Mapping[str, Any] = MappingProxyType({})
+    # An upstream error body, and a non-streamed answer, as they arrive (made when needed).
+    _error_body: bytearray | None = None
+    _body_buffer: bytearray | None = None
+    client_too_slow = False
+
     def initialize(self, services: Services, provider: Provider, sdk_route: bool = False, **kwargs: Any) -> None:  # type: ignore[override]
-        self.operation = provider.operation
-        super().initialize(services, **kwargs)
+        super().initialize(services, operation=provider.operation, **kwargs)
         self.provider = provider
         self.record.provider = provider.name
         self.sdk_route = sdk_route
-        self.accepts_api_key_header = sdk_route
         self.limited = LimitedRequest(services)
-        self.call: ProviderCall | None = None
         self.relaying = False
-        # Whether the request was handed to an upstream, and what the last attempt gave.
+        # Whether the request was handed to an upstream.
         self.upstream_asked = False
-        self.last_attempt: tp.Attempt | None = None
-        self.extra_metadata: dict[str, Any] = {}
-        self._error_body = bytearray()
-        self._body_buffer = bytearray()
         server = services.config.server
         self.relay = StreamRelay(
-            self, lambda: self._finished or self.client_gone,
-            auto_flush=server.auto_flush_streaming, max_buffer=server.max_client_buffer_bytes,
-        )  # fmt: skip
-        self.client_too_slow = False
+            self, self._relay_closed, auto_flush=server.auto_flush_streaming, max_buffer=server.max_client_buffer_bytes
+        )
+
+    @property
+    def accepts_api_key_header(self) -> bool:  # type: ignore[override]
+        return self.sdk_route
+
+    def _relay_closed(self) -> bool:
+        return self._finished or self.client_gone
 
     # -- 1. validate -------------------------------------------------------------
 
@@ -116,7 +126,8 @@ class CompletionsHandler(UpstreamHandler):
                 self.record_event(verdict.blocked)
             if verdict.error is not None:
                 raise verdict.error
-            self.extra_metadata.update(verdict.metadata)
+            if verdict.metadata:
+                self.extra_metadata = {**self.extra_metadata, **verdict.metadata}
         self.resolved_model = model
         self.set_header("X-Cody-Resolved-Model", model)
 
@@ -139,7 +150,12 @@ class CompletionsHandler(UpstreamHandler):
                 f"model {model} is currently unavailable", headers={"Retry-After": str(provider.default_retry_after_s)}
             )
         # -- 3. upstream and relay -----------------------------------------------------
-        await self.services.observer.upstream(record, self.call_upstream(call, timeout_s, breaker))
+        observer = self.services.observer
+        observer.upstream_started(record)
+        try:
+            await self.call_upstream(call, timeout_s, breaker)
+        finally:
+            observer.upstream_ended(record)
 
     async def call_upstream(self, call: ProviderCall, timeout_s: float, breaker: CircuitBreaker | None) -> None:
         record = self.record
@@ -156,8 +172,10 @@ class CompletionsHandler(UpstreamHandler):
             if remaining <= 0:
                 attempt = tp.Attempt(outcome=tp.TIMEOUT)
                 break
-            self._error_body = bytearray()
-            self._body_buffer = bytearray()
+            if self._error_body is not None:
+                self._error_body = None
+            if self._body_buffer is not None:
+                self._body_buffer = None
             self.relaying = False
             self.upstream_asked = self.upstream_asked or not self.client_gone
             attempt = await self.services.transport.send(
@@ -211,18 +229,24 @@ class CompletionsHandler(UpstreamHandler):
         if self.client_gone:
             return
         if not self.relaying:
-            if len(self._error_body) < self.services.config.upstream.max_error_body_bytes:
-                self._error_body += chunk
+            error_body = self._error_body
+            if error_body is None:
+                error_body = self._error_body = bytearray()
+            if len(error_body) < self.services.config.upstream.max_error_body_bytes:
+                error_body += chunk
             return
         call = self.call
         assert call is not None
         if not call.info.stream:
             # A non-streamed answer is checked whole before any of it is sent, so a
             # cut-off or malformed body becomes a clear error (or a retry), not a 200.
-            if len(self._body_buffer) + len(chunk) > MAX_BODY_FOR_USAGE:
+            buffer = self._body_buffer
+            if buffer is None:
+                buffer = self._body_buffer = bytearray()
+            if len(buffer) + len(chunk) > MAX_BODY_FOR_USAGE:
                 self.abort.reject(f"upstream provider {self.provider.name} returned a response larger than the gateway accepts")
                 return
-            self._body_buffer += chunk
+            buffer += chunk
             return
         relayed = call.feed(chunk)
         if call.protocol_error is not None:
@@ -284,8 +308,8 @@ class CompletionsHandler(UpstreamHandler):
         self._write_upstream_error(attempt)
 
     def _send_buffered_body(self, call: ProviderCall) -> None:
-        body = bytes(self._body_buffer)
-        self._body_buffer = bytearray()
+        body = bytes(self._body_buffer or b"")
+        self._body_buffer = None
         try:
             valid = isinstance(orjson.loads(body), dict)
         except orjson.JSONDecodeError:
@@ -326,7 +350,7 @@ class CompletionsHandler(UpstreamHandler):
         if status >= 500:
             log.error("upstream %s returned %d", self.provider.name, status)
         self.record.outcome = Outcome.ERROR
-        self.finish(bytes(self._error_body))
+        self.finish(bytes(self._error_body or b""))
 
     def release_references(self) -> None:
         super().release_references()

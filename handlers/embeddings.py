@@ -232,14 +232,18 @@ class EmbeddingsHandler(UpstreamHandler):
 
         exchange = Exchange(deadline=time.monotonic() + timeout_s, abort=self.abort)
         self.exchange = exchange
+        observer = self.services.observer
+        observer.upstream_started(record)
         try:
-            result = await self.services.observer.upstream(record, client.embed(request, exchange))
+            result = await client.embed(request, exchange)
         except ClientGone:
             record.outcome = Outcome.CLIENT_DISCONNECTED
             log.info("client disconnected from an embeddings request")
             if not self._finished:
                 self.finish()
             return
+        finally:
+            observer.upstream_ended(record)
         self.result = result
         tokens = result.tokens_used if result.tokens_used is not None else estimate
         self.tokens_charged = tokens

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from limiter.base import Decision, LimitRule
     from usage.events import Event, EventRecorder
 
-T = TypeVar("T")
 
 
 class Outcome(enum.StrEnum):
@@ -107,14 +106,22 @@ class RequestRecord:
 
 
 class RequestObserver(Protocol):
-    """The instrumentation points of a request. Wrappers take the awaitable the
-    handler already had, so that their spans are current while it runs."""
+    """The instrumentation points of a request. ``auth`` and ``limiter`` take the
+    awaitable the handler already had and time it; the upstream exchange is
+    bracketed by two plain calls instead, so that a long relay is not one more
+    coroutine frame held per open stream."""
 
     async def auth(self, record: RequestRecord, lookup: Awaitable[Actor]) -> Actor: ...
 
     async def limiter(self, record: RequestRecord, rule: LimitRule, acquire: Awaitable[Decision]) -> Decision: ...
 
-    async def upstream(self, record: RequestRecord, relay: Awaitable[T]) -> T: ...
+    def upstream_started(self, record: RequestRecord) -> None:
+        """The request is handed to its provider (attempts and relay follow)."""
+        ...
+
+    def upstream_ended(self, record: RequestRecord) -> None:
+        """The provider exchange is over, however it ended (called exactly once after ``upstream_started``)."""
+        ...
 
     def upstream_attempt(self, record: RequestRecord, attempt: Any) -> None: ...
 
@@ -136,8 +143,11 @@ class NullObserver:
     async def limiter(self, record: RequestRecord, rule: LimitRule, acquire: Awaitable[Decision]) -> Decision:
         return await acquire
 
-    async def upstream(self, record: RequestRecord, relay: Awaitable[T]) -> T:
-        return await relay
+    def upstream_started(self, record: RequestRecord) -> None:
+        pass
+
+    def upstream_ended(self, record: RequestRecord) -> None:
+        pass
 
     def upstream_attempt(self, record: RequestRecord, attempt: Any) -> None:
         pass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.telemetry")
 
-T = TypeVar("T")
 
 QUOTA = "quota"
 _MAX_TEXT = 200
@@ -128,13 +127,11 @@ class RequestTelemetry:
             span.end()
         return decision
 
-    async def upstream(self, record: RequestRecord, relay: Awaitable[T]) -> T:
-        provider, feature = record.provider, _feature_label(record.feature)
-        self.metrics.upstream_started(provider, feature)
-        try:
-            return await relay
-        finally:
-            self.metrics.upstream_ended(provider, feature)
+    def upstream_started(self, record: RequestRecord) -> None:
+        self.metrics.upstream_started(record.provider, _feature_label(record.feature))
+
+    def upstream_ended(self, record: RequestRecord) -> None:
+        self.metrics.upstream_ended(record.provider, _feature_label(record.feature))
 
     def upstream_attempt(self, record: RequestRecord, attempt: Any) -> None:
         status = attempt.status

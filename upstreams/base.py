@@ -143,3 +143,7 @@ class Provider(Protocol):
     def virtual_models(self) -> dict[str, frozenset[str]]:
         """Allowlist entries that admit other concrete ids (lower-cased)."""
         ...
+
+    def __hash__(self) -> int:
+        """Providers are hashable (by identity): per-provider results are cached with them as keys."""
+        ...
