@@ -184,6 +184,7 @@ class CompletionsHandler(UpstreamHandler):
                 abort=self.abort,
                 on_headers=self._on_upstream_headers,
                 on_chunk=self._on_upstream_chunk,
+                keep_success_headers=False,
             )
             self.services.observer.upstream_attempt(record, attempt)
             if breaker is not None and not self.client_gone:
@@ -260,13 +261,18 @@ class CompletionsHandler(UpstreamHandler):
                 return
         record = self.record
         record.chunks += 1
-        if record.ttfb_s is None:
+        first = record.ttfb_s is None
+        if first:
             record.ttfb_s = time.monotonic() - record.started_at
         if not self.relay.write(chunk):
             # The client reads slower than the model writes; holding an unbounded
             # backlog for it would let one slow reader exhaust memory.
             self.client_too_slow = True
             self.abort.set()
+        if first and self._headers_written:
+            # Tornado never reads the response headers again once they are on the
+            # wire, and a stream would hold them (a dozen values) for its whole life.
+            self._headers = HTTPHeaders()
 
     async def _conclude(self, call: ProviderCall, attempt: tp.Attempt) -> None:
         record = self.record
