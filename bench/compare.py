@@ -36,14 +36,14 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import loadtest
+from bench import loadtest, procinfo
 from bench import peers as peers_mod
 from bench.peers import Peer, RunningPeer
 from bench.stack import Stack, exit_on_sigterm, start_stack
@@ -66,22 +66,61 @@ class Side:
     kind: str
     token: str
     pid: int
+    # Processes whose CPU is accounted one by one in this side's runs (name -> pid).
+    watch: dict[str, int] = field(default_factory=dict)
 
 
 def stack_sides(stack: Stack) -> list[Side]:
+    helpers = {"fake provider": stack.fake.pid}
+    for name, key in (("redis", "redis"), ("otlp sink", "otlp")):
+        if key in stack.procs:
+            helpers[name] = stack.procs[key].pid
+    gateway = dict(helpers)
+    workers = procinfo.tree(stack.gateway.pid)
+    for n, pid in enumerate(workers):
+        gateway["gateway" if len(workers) == 1 else ("gateway master" if n == 0 else f"gateway worker {n}")] = pid
     return [
-        Side("direct", stack.fake_url, "provider", stack.token, stack.fake.pid),
-        Side("gateway", stack.gateway_url, "gateway", stack.token, stack.gateway.pid),
+        Side("direct", stack.fake_url, "provider", stack.token, stack.fake.pid, helpers),
+        Side("gateway", stack.gateway_url, "gateway", stack.token, stack.gateway.pid, gateway),
     ]
 
 
-def peer_side(peer: RunningPeer) -> Side:
-    return Side(peer.name, peer.url, peer.kind, peer.token, peer.pid)
+def peer_side(peer: RunningPeer, stack: Stack) -> Side:
+    watch = {"fake provider": stack.fake.pid} | {f"{peer.name} {n}" if n else peer.name: pid for n, pid in enumerate(procinfo.tree(peer.pid))}
+    return Side(peer.name, peer.url, peer.kind, peer.token, peer.pid, watch)
 
 
 def run_side(side: Side, scenario: loadtest.Scenario, *, quiet: bool) -> dict[str, Any]:
-    opts = loadtest.Options(url=side.url, scenario=scenario, kind=side.kind, token=side.token, pid=side.pid, progress=not quiet)
+    opts = loadtest.Options(
+        url=side.url, scenario=scenario, kind=side.kind, token=side.token, pid=side.pid, progress=not quiet, watch=side.watch
+    )
     return loadtest.run(opts)
+
+
+def cpu_table(rounds: list[dict[str, dict[str, Any]]], sides: list[str]) -> tuple[str, dict[str, Any]]:
+    """Cores each process kept busy (median over rounds), and requests/s per gateway core.
+
+    On a machine shared by the load generator, the fake provider and the
+    gateway, this is how one knows whether a side was limited by its own CPU
+    or by what was left of the machine, and what one core of it serves.
+    """
+    lines = ["cores busy by process over the window (median of rounds; 1.0 = one core)"]
+    summary: dict[str, Any] = {}
+    for side in sides:
+        names = list(rounds[0][side].get("cores_by_process", {}))
+        medians = {name: _median([r[side]["cores_by_process"].get(name, 0.0) for r in rounds]) or 0.0 for name in names}
+        summary[side] = medians
+        total = sum(medians.values())
+        parts = ", ".join(f"{name} {value:.2f}" for name, value in medians.items())
+        lines.append(f"  {side:<8} {parts}; all {total:.2f}")
+        served = [name for name in medians if name.startswith(side) or (side == "gateway" and name.startswith("gateway"))]
+        if side != "direct" and served:
+            cores = sum(medians[name] for name in served)
+            rps = _median([r[side]["requests_per_s"] for r in rounds]) or 0.0
+            if cores > 0:
+                lines.append(f"  {'':<8} {side}: {rps / cores:,.0f} requests/s per busy core ({cores:.2f} cores for {rps:,.0f} requests/s)")
+                summary[f"{side}_rps_per_core"] = rps / cores
+    return "\n".join(lines), summary
 
 
 def alternate(sides: list[Side], scenario: loadtest.Scenario, rounds: int, *, quiet: bool, pause_s: float) -> list[dict[str, dict[str, Any]]]:
@@ -312,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for peer in peers:
             running.append(peer.start(stack.workdir, stack.fake_url))
-        sides = stack_sides(stack) + [peer_side(peer) for peer in running]
+        sides = stack_sides(stack) + [peer_side(peer, stack) for peer in running]
         names = [side.name for side in sides]
         features = f"Redis limiter {'off' if args.no_redis else 'on'}, OTLP export {'off' if args.no_otlp else 'on'}, events on, metrics on"
         report.append(f"== compare: {scenario.name} ({scenario.description}); {args.rounds} rounds; gateway processes {args.processes}; {features}")
@@ -335,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             text, late = latency_table(rounds, "lateness_s", "per-event lateness", names)
             report += ["", text]
             summary["lateness"] = late
+        text, cores = cpu_table(rounds, names)
+        report += ["", text]
+        summary["cores"] = cores
         if scenario.stream:
             text, mem = memory_lines(rounds, names)
             report += ["", text]

@@ -40,7 +40,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class Scenario:
     batch: int = 32
     rate: float = 0.0  # > 0: open loop at this many requests/s
     timeout_s: float = 120.0
+    directives: str = ""  # more fake-provider directives in the prompt (tool calls, thinking)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -90,6 +91,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("paced", "streams at a realistic pace", stream=True, tokens=300, tokens_per_s=30,
                  connections=100, duration_s=20.0, warmup_s=2.0, ramp_s=2.0),
         Scenario("unpaced", "streams as fast as the provider writes", stream=True, tokens=300),
+        Scenario("tools", "unpaced streams with a thinking block and a tool call", stream=True, tokens=300,
+                 directives="fake:thinking=1 fake:tool_use=get_weather"),
         Scenario("idle", "long slow streams held open at once", stream=True, tokens=60, tokens_per_s=2,
                  connections=2000, warmup_s=0.0, ramp_s=8.0, per_connection=1),
         Scenario("embeddings", "embeddings batches", embeddings=True, batch=32),
@@ -107,13 +110,16 @@ class Options:
     path: str = ""
     progress: bool = True
     extra_prompt: str = ""
+    # Other processes whose CPU over the window is reported one by one (name -> pid):
+    # the fake provider, Redis, each gateway worker. Tells where the cores went.
+    watch: dict[str, int] = field(default_factory=dict)
 
 
 # -- requests -------------------------------------------------------------------
 
 
 def prompt_text(scn: Scenario, extra: str = "") -> str:
-    directives = f"fake:tokens={scn.tokens} fake:tokens_per_s={scn.tokens_per_s:g}"
+    directives = f"fake:tokens={scn.tokens} fake:tokens_per_s={scn.tokens_per_s:g} {scn.directives}".strip()
     return f"Benchmark prompt. {directives} {extra}".strip()
 
 
@@ -180,7 +186,12 @@ class Sampler:
     processes: int = 0
     open_at_peak: int = 0
 
+    watch: dict[str, int] = field(default_factory=dict)
+    watch_start: dict[str, float] = field(default_factory=dict)
+    watch_cpu: dict[str, float] = field(default_factory=dict)
+
     def start(self) -> None:
+        self.watch_start = {name: cpu for name, pid in self.watch.items() if (cpu := procinfo.process_cpu_s(pid)) is not None}
         if self.pid is None:
             return
         s = procinfo.sample(self.pid)
@@ -196,6 +207,10 @@ class Sampler:
         self.processes = max(self.processes, len(s.pids))
 
     def stop(self) -> None:
+        for name, pid in self.watch.items():
+            cpu = procinfo.process_cpu_s(pid)
+            if cpu is not None and name in self.watch_start:
+                self.watch_cpu[name] = cpu - self.watch_start[name]
         if self.pid is None:
             return
         s = procinfo.sample(self.pid)
@@ -213,7 +228,7 @@ class Runner:
         self.stopping = False
         self.window_start = 0.0
         self.window_end = 0.0
-        self.sampler = Sampler(opts.pid)
+        self.sampler = Sampler(opts.pid, watch=dict(opts.watch))
         self.conns: set[Connection] = set()
         self._client_cpu0 = 0.0
 
@@ -420,6 +435,9 @@ class Runner:
             "connects": stats.connects,
             "stale_keepalive_retries": stats.stale_retries,
             "client_cpu_s": getattr(self, "_client_cpu", 0.0),
+            # Cores each watched process kept busy over the window (1.0: one core).
+            "cores_by_process": {name: cpu / window for name, cpu in smp.watch_cpu.items()}
+            | {"load generator": getattr(self, "_client_cpu", 0.0) / window},
         }
         if smp.pid is not None:
             cpu = smp.cpu_end - smp.cpu_start

@@ -82,3 +82,9 @@ def self_cpu_s() -> float:
     """CPU seconds of the calling process (the load generator's own cost)."""
     times = os.times()
     return times.user + times.system
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` alone (not its descendants); None once it is gone."""
+    got = _cpu_and_rss(pid)
+    return None if got is None else got[0]
