@@ -204,7 +204,7 @@ class CompletionsHandler(UpstreamHandler):
         record.upstream_ended = time.monotonic()
         record.upstream_status = attempt.status
         self.last_attempt = attempt
-        await self._conclude(call, attempt)
+        self._conclude(call, attempt)
 
     def _on_upstream_headers(self, status: int, headers: HTTPHeaders) -> None:
         if self.client_gone:
@@ -274,7 +274,7 @@ class CompletionsHandler(UpstreamHandler):
             # wire, and a stream would hold them (a dozen values) for its whole life.
             self._headers = HTTPHeaders()
 
-    async def _conclude(self, call: ProviderCall, attempt: tp.Attempt) -> None:
+    def _conclude(self, call: ProviderCall, attempt: tp.Attempt) -> None:
         record = self.record
         provider = self.provider.name
         if self.client_too_slow and not self.client_gone:
