@@ -176,16 +176,20 @@ def run_workers(config: Config) -> int:
                     for sock in group:
                         sock.close()
             from composition import StartupError
+            from telemetry.logs import flush_logs
 
             try:
                 _use_uvloop()
                 asyncio.run(serve(config, sockets=groups[index], worker=index))
             except StartupError as exc:
+                flush_logs()
                 print(f"gateway: {exc}", file=sys.stderr, flush=True)
                 os._exit(2)
             except BaseException:
                 log.exception("worker %d crashed", index)
+                flush_logs()
                 os._exit(1)
+            flush_logs()
             os._exit(0)
         children[pid] = index
 

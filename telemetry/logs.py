@@ -13,6 +13,8 @@ upstream figures. It never holds a header value, a query string or a body.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import re
 import sys
@@ -130,18 +132,132 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key[0] != "_":
                 payload[key] = value
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return self._finish(payload)
+
+    def format_fields(self, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
+        """The line ``format`` makes of a record with these extra fields, without a LogRecord."""
+        now = time.time()
+        payload: dict[str, Any] = {"ts": self._timestamp(now, (now - int(now)) * 1000), "level": level, "logger": logger, "msg": msg}
+        if _PROCESS_FIELDS:
+            payload.update(_PROCESS_FIELDS)
+        payload.update(fields)
+        return self._finish(payload)
+
+    def _finish(self, payload: dict[str, Any]) -> str:
         if "trace_id" not in payload:
             ids = current_ids()
             if ids is not None:
                 payload["trace_id"], payload["span_id"] = ids
-        if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
         return self.scrubber(orjson.dumps(payload, default=str).decode())
 
 
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The process's log handler: one JSON line per record on a stream (stderr).
+
+    Info and debug lines logged on the event loop are written once per loop
+    iteration, together (the access log is a line per request, and a write
+    and flush each was a system call per request); warnings and errors, and
+    lines from other threads, are written at once, after what is pending, so
+    nothing that explains a failure waits. At most one loop iteration of info
+    lines is lost if the process is killed outright.
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._drain_scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.write_line(line, record.levelno)
+
+    def write_line(self, line: str, levelno: int) -> None:
+        """Write (or queue, see the class) one formatted line."""
+        if levelno < logging.WARNING:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._pending.append(line)
+                if not self._drain_scheduled:
+                    self._drain_scheduled = True
+                    loop.call_soon(self.drain)
+                return
+        self._write([*self._take(), line])
+
+    def drain(self) -> None:
+        """Write the queued lines (the loop calls this once per iteration; also at exit)."""
+        self._drain_scheduled = False
+        lines = self._take()
+        if lines:
+            self._write(lines)
+
+    def flush(self) -> None:
+        self.drain()
+        super().flush()
+
+    def _take(self) -> list[str]:
+        lines, self._pending = self._pending, []
+        return lines
+
+    def _write(self, lines: list[str]) -> None:
+        self.acquire()
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:  # a closed or broken stream: as StreamHandler, report and go on
+            self.handleError(logging.makeLogRecord({"msg": "log write failed", "levelno": logging.ERROR}))
+        finally:
+            self.release()
+
+
+def flush_logs() -> None:
+    """Write what the root's handlers hold; call before ``os._exit`` (which skips atexit)."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # exiting anyway
+            pass
+
+
+def direct_line_handler(logger: logging.Logger) -> LineHandler | None:
+    """The LineHandler a record of ``logger`` would reach, when nothing else would see it.
+
+    Lets the access log skip building a LogRecord: only when no logger on the
+    way has a handler or filter of its own and the root has exactly one
+    handler, a LineHandler with a JsonFormatter (anything else, tests capturing
+    logs included, gets real records).
+    """
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        if current.parent is None:  # the root
+            handlers = current.handlers
+            if len(handlers) != 1:
+                return None
+            handler = handlers[0]
+            if type(handler) is not LineHandler or handler.filters or not isinstance(handler.formatter, JsonFormatter):
+                return None
+            return handler
+        if current.handlers or not current.propagate:
+            return None
+        current = current.parent
+    return None
+
+
 def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    # What is queued at exit is written (logging's own shutdown flushes handlers too).
+    atexit.register(handler.drain)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -185,8 +301,17 @@ class AccessLog:
 
     def write(self, fields: dict[str, Any]) -> None:
         logger = self.logger
-        if logger.isEnabledFor(self.level):
-            # makeRecord + handle skips the caller lookup (a stack walk) of logger.log:
-            # the caller is always this line.
-            record = logger.makeRecord(logger.name, self.level, __file__, 0, "request", (), None, extra=fields)
-            logger.handle(record)
+        if not logger.isEnabledFor(self.level):
+            return
+        handler = direct_line_handler(logger)
+        if handler is not None and self.level >= handler.level:
+            # The line the logging path would write, without its LogRecord and handler walk.
+            formatter = handler.formatter
+            assert isinstance(formatter, JsonFormatter)
+            level_name = logging.getLevelName(self.level).lower()
+            handler.write_line(formatter.format_fields(level_name, logger.name, "request", fields), self.level)
+            return
+        # makeRecord + handle skips the caller lookup (a stack walk) of logger.log:
+        # the caller is always this line.
+        record = logger.makeRecord(logger.name, self.level, __file__, 0, "request", (), None, extra=fields)
+        logger.handle(record)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 from conf.loader import load_config
-from telemetry.logs import JsonFormatter, Scrubber, config_secrets
+from telemetry.logs import AccessLog, JsonFormatter, LineHandler, Scrubber, config_secrets, direct_line_handler
 
 TOKEN = "sgd_" + "c" * 64
 
@@ -58,3 +62,82 @@ def test_the_json_formatter_scrubs_messages_extras_and_tracebacks() -> None:
     assert TOKEN not in text and "very-secret-value" not in text
     first = json.loads(text.splitlines()[0])
     assert first["msg"] == "lookup failed for [REDACTED]" and first["detail"] == "[REDACTED]"
+
+
+@contextlib.contextmanager
+def root_line_handler() -> Iterator[tuple[LineHandler, io.StringIO]]:
+    """The process's handler (as configure_logging sets it up) writing into a buffer, alone on the root.
+
+    Set up inside the test body: pytest adds its own capturing handler to the
+    root when the test's call phase begins.
+    """
+    stream = io.StringIO()
+    handler = LineHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    saved, saved_level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield handler, stream
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(saved_level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_info_lines_on_the_loop_are_written_per_iteration_and_warnings_at_once() -> None:
+    with root_line_handler() as (_, stream):
+        _info_and_warnings(stream)
+
+
+def _info_and_warnings(stream: io.StringIO) -> None:
+    log = logging.getLogger("gateway.test.lines")
+
+    async def scenario() -> None:
+        log.info("first")
+        log.info("second")
+        assert stream.getvalue() == ""  # queued until the loop comes round
+        await asyncio.sleep(0)
+        assert [line["msg"] for line in lines(stream)] == ["first", "second"]
+        log.info("third")
+        log.warning("trouble")  # at once, after what was queued
+        assert [line["msg"] for line in lines(stream)] == ["first", "second", "third", "trouble"]
+
+    asyncio.run(scenario())
+    # Off the loop (another thread, or no loop at all): at once.
+    log.info("no loop")
+    assert lines(stream)[-1]["msg"] == "no loop"
+
+
+def test_the_access_line_is_the_same_without_a_log_record() -> None:
+    with root_line_handler() as (handler, stream):
+        _access_line(handler, stream)
+
+
+def _access_line(handler: LineHandler, stream: io.StringIO) -> None:
+    handler.formatter.scrubber.add(["very-secret-value"])  # type: ignore[union-attr]
+    access = AccessLog(enabled=True)
+    fields = {"method": "POST", "path": "/v1/x", "status": 200, "duration_ms": 1.5, "user_agent": f"agent {TOKEN}", "error": "very-secret-value"}
+    assert direct_line_handler(access.logger) is handler
+    access.write(dict(fields))  # the direct path (no loop running: written at once)
+    blocked = logging.Filter("nothing")  # a filter anywhere on the way: the logging path
+    access.logger.addFilter(blocked)
+    try:
+        assert direct_line_handler(access.logger) is None
+        access.logger.removeFilter(blocked)
+        logging.getLogger("gateway").addHandler(capture := logging.StreamHandler(io.StringIO()))
+        assert direct_line_handler(access.logger) is None  # a handler on the way sees records
+        logging.getLogger("gateway").removeHandler(capture)
+        record = access.logger.makeRecord(access.logger.name, logging.INFO, __file__, 0, "request", (), None, extra=dict(fields))
+        handler.handle(record)
+    finally:
+        access.logger.removeFilter(blocked)
+    direct, via_record = lines(stream)
+    assert direct.pop("ts")[:16] == via_record.pop("ts")[:16]
+    assert direct == via_record
+    assert direct["level"] == "info" and direct["logger"] == "gateway.access" and direct["msg"] == "request"
+    assert TOKEN not in stream.getvalue() and "very-secret-value" not in stream.getvalue()
