@@ -78,8 +78,8 @@ class CircuitBreaker:
         self._ratio = config.circuit_failure_ratio
         self._min_samples = max(1, config.circuit_min_samples)
         self._clock = clock
-        # model -> (time, is_failure) records, oldest first.
-        self._records: dict[str, deque[tuple[float, bool]]] = {}
+        # model -> its recent records, oldest first, with running counts.
+        self._records: dict[str, _Window] = {}
 
     def record_attempt(self, model: str, outcome: str, status: int | None, *, deadline_is_clients: bool) -> None:
         """Record one upstream attempt, as ``health_signal`` judges it."""
@@ -98,27 +98,25 @@ class CircuitBreaker:
             failed = not healthy
         else:
             failed = healthy in FAILURE_CODES
-        records = self._records.get(model)
-        if records is None:
+        window = self._records.get(model)
+        if window is None:
             if len(self._records) >= MAX_MODELS:
                 self._records.pop(next(iter(self._records)))
-            records = self._records[model] = deque(maxlen=self._capacity)
-        records.append((self._clock(), failed))
+            window = self._records[model] = _Window()
+        now = self._clock()
+        window.expire(now - self._window_s)
+        if len(window.records) >= self._capacity:
+            window.drop_oldest()
+        window.records.append((now, failed))
+        window.failures += failed
 
     def _recent(self, model: str) -> tuple[int, int]:
         """(records in the window, failures among them)."""
-        records = self._records.get(model)
-        if not records:
+        window = self._records.get(model)
+        if window is None:
             return 0, 0
-        cutoff = self._clock() - self._window_s
-        total = failures = 0
-        # Newest first: stop at the first record older than the window.
-        for at, failed in reversed(records):
-            if at < cutoff:
-                break
-            total += 1
-            failures += failed
-        return total, failures
+        window.expire(self._clock() - self._window_s)
+        return len(window.records), window.failures
 
     def available(self, model: str) -> bool:
         total, failures = self._recent(model)
@@ -152,3 +150,26 @@ class CircuitBreaker:
         snapshot["open"] = sorted(m for m, s in snapshot["models"].items() if s["state"] == "open")
         snapshot["ok"] = True
         return snapshot
+
+
+class _Window:
+    """One model's recent records, oldest first, and how many of them are failures.
+
+    Kept as running counts so that ``available`` (asked on every request) costs
+    the same whatever the window's size: records leave from the old end.
+    """
+
+    __slots__ = ("records", "failures")
+
+    def __init__(self) -> None:
+        self.records: deque[tuple[float, bool]] = deque()
+        self.failures = 0
+
+    def drop_oldest(self) -> None:
+        _, failed = self.records.popleft()
+        self.failures -= failed
+
+    def expire(self, cutoff: float) -> None:
+        records = self.records
+        while records and records[0][0] < cutoff:
+            self.drop_oldest()
