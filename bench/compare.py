@@ -53,8 +53,10 @@ MIN_THROUGHPUT_RATIO = 0.45
 MAX_ADDED_P50_S = 0.001
 MAX_ADDED_P99_S = 0.005
 MIN_EVENTS_PER_S_ONE_PROCESS = 25_000
-MAX_RSS_PER_STREAM_BYTES = 30 * 1024
 MAX_ADDED_LATENESS_P99_S = 0.005
+# Against the bare Tornado + curl relay in the same rounds (--peer floor).
+MAX_CPU_PER_REQUEST_VS_FLOOR = 1.6
+MAX_RSS_PER_STREAM_VS_FLOOR = 1.10
 
 
 @dataclass(frozen=True)
@@ -408,10 +410,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def targets(scenario: loadtest.Scenario, processes: int, summary: dict[str, Any]) -> list[str]:
+    """Issue 18's targets; the ones stated against the bare relay need ``--peer floor``."""
     lines: list[str] = []
+    floor = (summary.get("sides") or {}).get("floor")
     if not scenario.stream and not scenario.embeddings:
         ratio = summary.get("throughput_ratio_median")
         lines.append(check("throughput >= 0.45 of direct", None if ratio is None else ratio >= MIN_THROUGHPUT_RATIO, f"median ratio {ratio or 0:.3f}"))
+        gateway_cpu = (summary.get("sides") or {}).get("gateway", {}).get("cpu_per_request_ms_median")
+        floor_cpu = floor.get("cpu_per_request_ms_median") if floor else None
+        if gateway_cpu and floor_cpu:
+            times = gateway_cpu / floor_cpu
+            lines.append(check(
+                "gateway CPU per request <= 1.6 x the bare relay's", times <= MAX_CPU_PER_REQUEST_VS_FLOOR,
+                f"{gateway_cpu:.3f} ms against {floor_cpu:.3f} ms: {times:.2f} x",
+            ))  # fmt: skip
         lat = summary.get("latency_at_fraction")
         if lat and lat.get("added_p50_s_median") is not None:
             a50, a99 = lat["added_p50_s_median"], lat["added_p99_s_median"]
@@ -423,7 +435,13 @@ def targets(scenario: loadtest.Scenario, processes: int, summary: dict[str, Any]
         lines.append(check("one gateway process relays >= 25,000 SSE events/s", (eps >= MIN_EVENTS_PER_S_ONE_PROCESS) if one and eps else None, f"{eps or 0:.0f} events/s with {processes} process(es)"))
     if scenario.stream and scenario.tokens_per_s > 0:
         per = summary.get("rss_per_stream_bytes_max")
-        lines.append(check("RSS per open stream < 30 KB", None if per is None else per < MAX_RSS_PER_STREAM_BYTES, f"{(per or 0) / 1024:.1f} KB"))
+        floor_per = (summary.get("rss_per_stream_bytes_max_by_side") or {}).get("floor")
+        if per and floor_per:
+            times = per / floor_per
+            lines.append(check(
+                "RSS per open stream <= 1.10 x the bare relay's", times <= MAX_RSS_PER_STREAM_VS_FLOOR,
+                f"{per / 1024:.1f} KB against {floor_per / 1024:.1f} KB: {times:.3f} x (worst rounds)",
+            ))  # fmt: skip
         late = (summary.get("lateness") or {}).get("added_p99_s_median")
         lines.append(check("added per-chunk delay p99 < 5 ms", None if late is None else late < MAX_ADDED_LATENESS_P99_S, f"{(late or 0) * 1000:.2f} ms"))
     return lines
