@@ -78,6 +78,11 @@ async def serve(
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 100)
+    # A background thread doing Python work (the BigQuery flush, Sentry's
+    # transport, tokenizing a large prompt) holds the GIL until the loop has
+    # asked for it for a whole switch interval: 5 ms by default, a stall of
+    # every request in flight. 1 ms bounds that; the threads only get slower.
+    sys.setswitchinterval(0.001)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     if worker is None:

@@ -497,7 +497,11 @@ class EventLogger:
         self._ack_journals(batch)
 
     def _write_live(self, batch: list[_Entry]) -> None:
-        self.sink.write_batch([e.event for e in batch])
+        write_lines = getattr(self.sink, "write_lines", None)
+        if write_lines is not None:
+            write_lines([e.line for e in batch])
+        else:
+            self.sink.write_batch([e.event for e in batch])
         self._ack_journals(batch)
 
     def _ack_journals(self, batch: list[_Entry]) -> None:

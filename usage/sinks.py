@@ -91,7 +91,15 @@ class JsonlSink:
     def write_batch(self, events: list[Event]) -> None:
         if not events:
             return
-        data = b"".join(e.to_json_line() for e in events)
+        self.write_lines([e.to_json_line() for e in events])
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        """The events as already encoded (each its ``to_json_line``): the logger has
+        them from journaling, and encoding them again here held the GIL
+        against the event loop."""
+        if not lines:
+            return
+        data = b"".join(lines)
         with self._lock:
             fd = self._descriptor()
             written = os.write(fd, data)
