@@ -227,3 +227,27 @@ def test_a_huge_line_in_small_chunks_costs_linear_time() -> None:
         assert capped._parts_len <= 1 << 20
     capped.close()
     assert capped.oversized == 1 and len(events) == 1
+
+
+# Text and thinking deltas are read without a JSON decode when their value is
+# plain (upstreams/anthropic_messages.py); whatever the text, the result must be
+# the decoded value or "decode it in full" (None), never something else.
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    text=st.text(max_size=40),
+    kind=st.sampled_from([("text_delta", "text"), ("thinking_delta", "thinking"), ("input_json_delta", "partial_json")]),
+    value_last=st.booleans(),
+)
+@counted("sse: plain delta text equals the decoded value")
+def test_plain_delta_text_is_the_decoded_value_or_nothing(text: str, kind: tuple[str, str], value_last: bool) -> None:
+    import orjson
+
+    from upstreams.anthropic_messages import _plain_delta_text
+
+    delta_type, field = kind
+    delta = {"type": delta_type, field: text} if value_last else {field: text, "type": delta_type}
+    data = orjson.dumps({"type": "content_block_delta", "index": 0, "delta": delta})
+    fast = _plain_delta_text(data)
+    assert fast is None or (fast == text and field != "partial_json")
+    if value_last and field != "partial_json" and '"' not in text and "\\" not in text and text.isprintable():
+        assert fast == text  # the common case does take the fast path

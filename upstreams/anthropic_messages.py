@@ -213,6 +213,10 @@ class AnthropicMessagesCall(BufferedCall):
     def _on_event(self, name: bytes, data: bytes) -> None:
         # Only the events that carry usage or output are decoded.
         if name == b"content_block_delta":
+            text = _plain_delta_text(data)
+            if text is not None:
+                self._add_text(text)
+                return
             event = self._json(data)
             delta = event.get("delta") if event else None
             if isinstance(delta, dict):
@@ -439,3 +443,32 @@ def _flatten(messages: list[dict[str, Any]], texts: list[str]) -> str:
             return ""
         parts.append(label + text + "\n\n")
     return "".join(parts)
+
+
+# How text and thinking deltas end on the wire, value last: ...,"delta":{"type":"text_delta","text":"Hello"}}
+_DELTA_VALUE_STARTS = (b'"type":"text_delta","text":"', b'"type":"thinking_delta","thinking":"')
+_DELTA_END = b'"}}'
+
+
+def _plain_delta_text(data: bytes) -> str | None:
+    """The text of a text or thinking delta without decoding its JSON, or None.
+
+    Most of a stream's events are these; when the value is the delta's last
+    field and holds no escape (no backslash), the bytes between its quotes
+    are the text itself (an unescaped quote cannot occur inside a JSON
+    string). Anything else (escapes, another field order, other deltas)
+    returns None and is decoded in full.
+    """
+    if not data.endswith(_DELTA_END):
+        return None
+    for marker in _DELTA_VALUE_STARTS:
+        start = data.find(marker)
+        if start >= 0:
+            value = data[start + len(marker) : -len(_DELTA_END)]
+            if b"\\" in value or b'"' in value:
+                return None
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                return None
+    return None

@@ -82,6 +82,12 @@ class SSEParser:
         if _CR in chunk:
             self._after_cr = chunk[-1:] == _CR
             chunk = chunk.replace(b"\r\n", _LF).replace(_CR, _LF)
+        if self._parts or self._data or self._event or self._skip_line or self._skip_event:
+            # The chunk goes on an event the last one cut: finish that event line
+            # by line, then the rest is between events again (curl's chunks
+            # cut an event nearly every time, so this keeps the fast path below
+            # for all but one event per chunk).
+            chunk = self._finish_pending(chunk)
         if not (self._parts or self._data or self._event or self._skip_line or self._skip_event):
             # Between events (the usual state: providers write whole events):
             # everything up to the last blank line goes event by event.
@@ -123,6 +129,27 @@ class SSEParser:
             else:
                 self._parts.append(tail)
                 self._parts_len += len(tail)
+
+    def _finish_pending(self, chunk: bytes) -> bytes:
+        """Feed ``chunk``'s whole lines until the event in progress has ended; the rest of it."""
+        start = 0
+        while self._parts or self._data or self._event or self._skip_line or self._skip_event:
+            end = chunk.find(_LF, start)
+            if end < 0:
+                break
+            line = chunk[start:end]
+            start = end + 1
+            if self._parts:
+                self._parts.append(line)
+                line = b"".join(self._parts)
+                self._parts = []
+                self._parts_len = 0
+            if self._skip_line:
+                # The rest of a line already dropped as too long.
+                self._skip_line = False
+            else:
+                self._line(line)
+        return chunk[start:] if start else chunk
 
     def _events(self, head: bytes) -> None:
         """Whole events, each followed by a blank line; the state is clean before each.
