@@ -409,6 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def against_floor(figure: str, ours: float | None, floor: float | None, limit: float, unit: str, scale: float) -> list[str]:
+    """A target stated as a multiple of the bare relay's figure of the same rounds (none without --peer floor)."""
+    if not ours or not floor:
+        return []
+    times = ours / floor
+    detail = f"{ours * scale:.3f} {unit} against {floor * scale:.3f} {unit}: {times:.2f} x"
+    return [check(f"{figure} <= {limit:g} x the bare relay's", times <= limit, detail)]
+
+
 def targets(scenario: loadtest.Scenario, processes: int, summary: dict[str, Any]) -> list[str]:
     """Issue 18's targets; the ones stated against the bare relay need ``--peer floor``."""
     lines: list[str] = []
@@ -418,12 +427,7 @@ def targets(scenario: loadtest.Scenario, processes: int, summary: dict[str, Any]
         lines.append(check("throughput >= 0.45 of direct", None if ratio is None else ratio >= MIN_THROUGHPUT_RATIO, f"median ratio {ratio or 0:.3f}"))
         gateway_cpu = (summary.get("sides") or {}).get("gateway", {}).get("cpu_per_request_ms_median")
         floor_cpu = floor.get("cpu_per_request_ms_median") if floor else None
-        if gateway_cpu and floor_cpu:
-            times = gateway_cpu / floor_cpu
-            lines.append(check(
-                "gateway CPU per request <= 1.6 x the bare relay's", times <= MAX_CPU_PER_REQUEST_VS_FLOOR,
-                f"{gateway_cpu:.3f} ms against {floor_cpu:.3f} ms: {times:.2f} x",
-            ))  # fmt: skip
+        lines += against_floor("gateway CPU per request", gateway_cpu, floor_cpu, MAX_CPU_PER_REQUEST_VS_FLOOR, "ms", 1.0)
         lat = summary.get("latency_at_fraction")
         if lat and lat.get("added_p50_s_median") is not None:
             a50, a99 = lat["added_p50_s_median"], lat["added_p99_s_median"]
@@ -436,12 +440,7 @@ def targets(scenario: loadtest.Scenario, processes: int, summary: dict[str, Any]
     if scenario.stream and scenario.tokens_per_s > 0:
         per = summary.get("rss_per_stream_bytes_max")
         floor_per = (summary.get("rss_per_stream_bytes_max_by_side") or {}).get("floor")
-        if per and floor_per:
-            times = per / floor_per
-            lines.append(check(
-                "RSS per open stream <= 1.10 x the bare relay's", times <= MAX_RSS_PER_STREAM_VS_FLOOR,
-                f"{per / 1024:.1f} KB against {floor_per / 1024:.1f} KB: {times:.3f} x (worst rounds)",
-            ))  # fmt: skip
+        lines += against_floor("RSS per open stream (worst rounds)", per, floor_per, MAX_RSS_PER_STREAM_VS_FLOOR, "KB", 1 / 1024)
         late = (summary.get("lateness") or {}).get("added_p99_s_median")
         lines.append(check("added per-chunk delay p99 < 5 ms", None if late is None else late < MAX_ADDED_LATENESS_P99_S, f"{(late or 0) * 1000:.2f} ms"))
     return lines

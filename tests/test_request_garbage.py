@@ -29,9 +29,9 @@ from tests.conftest import TOKEN_A, TOKEN_B, actor, limits
 from tests.support.observed_fixtures import observed_gateway  # noqa: F401  (fixture)
 from tests.support.observed_gateway import InProcessGateway
 from tests.support.redis_servers import RedisServer
+from tests.test_observability_metrics import post as metrics_post
 
 MODEL = "claude-3-haiku-20240307"
-ROUTE = "/v1/completions/anthropic-messages"
 # A request's object graph hangs from these: if one of them is in a reference
 # cycle, so is everything it holds (headers, body, call, spans, futures).
 REQUEST_SCOPED = (
@@ -77,13 +77,7 @@ def collector_paused() -> Iterator[None]:
 
 
 def post(gw: InProcessGateway, text: str, *, token: str = TOKEN_A, stream: bool = False, model: str = MODEL) -> httpx.Response:
-    body = {"model": model, "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": text}]}
-    response = httpx.post(
-        gw.base_url + ROUTE,
-        content=json.dumps(body),
-        headers={"Authorization": f"Bearer {token}", "X-Sourcegraph-Feature": "chat_completions", "Content-Type": "application/json"},
-        timeout=30,
-    )
+    response = metrics_post(gw, text, token=token, stream=stream, model=model)
     gw.settle()
     return response
 

@@ -100,17 +100,7 @@ class SSEParser:
         lines = chunk.split(_LF)
         tail = lines.pop()
         if lines:
-            first = lines[0]
-            if self._parts:
-                self._parts.append(first)
-                first = b"".join(self._parts)
-                self._parts = []
-                self._parts_len = 0
-            if self._skip_line:
-                # The rest of a line already dropped as too long.
-                self._skip_line = False
-            else:
-                self._line(first)
+            self._end_line(lines[0])
             for line in lines[1:]:
                 self._line(line)
         if tail and not self._skip_line:
@@ -137,19 +127,22 @@ class SSEParser:
             end = chunk.find(_LF, start)
             if end < 0:
                 break
-            line = chunk[start:end]
+            self._end_line(chunk[start:end])
             start = end + 1
-            if self._parts:
-                self._parts.append(line)
-                line = b"".join(self._parts)
-                self._parts = []
-                self._parts_len = 0
-            if self._skip_line:
-                # The rest of a line already dropped as too long.
-                self._skip_line = False
-            else:
-                self._line(line)
         return chunk[start:] if start else chunk
+
+    def _end_line(self, line: bytes) -> None:
+        """A line's end arrived: join what earlier chunks held of it, then parse it."""
+        if self._parts:
+            self._parts.append(line)
+            line = b"".join(self._parts)
+            self._parts = []
+            self._parts_len = 0
+        if self._skip_line:
+            # The rest of a line already dropped as too long.
+            self._skip_line = False
+        else:
+            self._line(line)
 
     def _events(self, head: bytes) -> None:
         """Whole events, each followed by a blank line; the state is clean before each.
