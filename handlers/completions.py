@@ -55,20 +55,18 @@ HOP_BY_HOP = frozenset(
 NOT_RELAYED = HOP_BY_HOP | frozenset({"content-length", "set-cookie", "set-cookie2", "server", "date", "x-http-reason"})
 
 
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
 class CompletionsHandler(UpstreamHandler):
     """auth (prepare) -> validate -> limit -> upstream -> relay -> record (finalize)."""
 
     route_class = "completions"
 
-    # Class defaults (see BaseHandler): set on the instance only when they change.
-    call: ProviderCall | None = None
-    # What the last upstream attempt gave, once the exchange is over.
-    last_attempt: tp.Attempt | None = None
-    extra_metadata: Mapping[str, Any] = MappingProxyType({})
-    # An upstream error body, and a non-streamed answer, as they arrive (made when needed).
-    _error_body: bytearray | None = None
-    _body_buffer: bytearray | None = None
-    client_too_slow = False
+    __slots__ = (
+        "provider", "sdk_route", "limited", "relaying", "upstream_asked", "relay", "call", "last_attempt",
+        "extra_metadata", "_error_body", "_body_buffer", "client_too_slow",
+    )  # fmt: skip
 
     def initialize(self, services: Services, provider: Provider, sdk_route: bool = False, **kwargs: Any) -> None:  # type: ignore[override]
         super().initialize(services, operation=provider.operation, **kwargs)
@@ -77,8 +75,15 @@ class CompletionsHandler(UpstreamHandler):
         self.sdk_route = sdk_route
         self.limited = LimitedRequest(services)
         self.relaying = False
-        # Whether the request was handed to an upstream.
+        # Whether the request was handed to an upstream, and what the last attempt gave.
         self.upstream_asked = False
+        self.call: ProviderCall | None = None
+        self.last_attempt: tp.Attempt | None = None
+        self.extra_metadata: Mapping[str, Any] = _NO_METADATA
+        # An upstream error body, and a non-streamed answer, as they arrive (made when needed).
+        self._error_body: bytearray | None = None
+        self._body_buffer: bytearray | None = None
+        self.client_too_slow = False
         server = services.config.server
         self.relay = StreamRelay(
             self, self._relay_closed, auto_flush=server.auto_flush_streaming, max_buffer=server.max_client_buffer_bytes
