@@ -177,10 +177,8 @@ class CompletionsHandler(UpstreamHandler):
             if remaining <= 0:
                 attempt = tp.Attempt(outcome=tp.TIMEOUT)
                 break
-            if self._error_body is not None:
-                self._error_body = None
-            if self._body_buffer is not None:
-                self._body_buffer = None
+            self._error_body = None
+            self._body_buffer = None
             self.relaying = False
             self.upstream_asked = self.upstream_asked or not self.client_gone
             attempt = await self.services.transport.send(

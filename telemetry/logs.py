@@ -167,7 +167,9 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._drain_scheduled = False
+        # The loop a drain is scheduled on (None: none is). Under the handler's
+        # lock, with the queue: a line may come from any thread.
+        self._drain_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -185,19 +187,22 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             except RuntimeError:
                 loop = None
             if loop is not None:
-                self._pending.append(line)
-                if not self._drain_scheduled:
-                    self._drain_scheduled = True
+                with self.lock:  # type: ignore[union-attr]
+                    self._pending.append(line)
+                    schedule = self._drain_loop is not loop
+                    self._drain_loop = loop
+                if schedule:
                     loop.call_soon(self.drain)
                 return
-        self._write([*self._take(), line])
+        with self.lock:  # type: ignore[union-attr]
+            self._write([*self._take(), line])
 
     def drain(self) -> None:
         """Write the queued lines (the loop calls this once per iteration; also at exit)."""
-        self._drain_scheduled = False
-        lines = self._take()
-        if lines:
-            self._write(lines)
+        with self.lock:  # type: ignore[union-attr]
+            lines = self._take()
+            if lines:
+                self._write(lines)
 
     def flush(self) -> None:
         self.drain()
@@ -205,17 +210,15 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _take(self) -> list[str]:
         lines, self._pending = self._pending, []
+        self._drain_loop = None
         return lines
 
     def _write(self, lines: list[str]) -> None:
-        self.acquire()
         try:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except Exception:  # a closed or broken stream: as StreamHandler, report and go on
             self.handleError(logging.makeLogRecord({"msg": "log write failed", "levelno": logging.ERROR}))
-        finally:
-            self.release()
 
 
 def flush_logs() -> None:
