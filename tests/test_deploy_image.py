@@ -280,7 +280,7 @@ def _check_kubernetes_memory(idle: int, per_stream: float) -> None:
     limit = _mebibytes(resources["limits"]["memory"]) * 2**20
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["gateway.toml"]
     max_clients = tomllib.loads(config)["upstream"]["max_clients"]
-    # BENCHMARKS.md: 51.5 KB per open stream at 2,000 streams; a few hundred here read higher.
+    # BENCHMARKS.md: 46.7–47.9 KB per open stream at 2,000 streams; a few hundred here read higher.
     at_max = idle + max_clients * min(per_stream, 80 * 1024)
     _report(f"projected RSS at upstream.max_clients={max_clients} streams (MB)", round(at_max / 2**20))
     assert idle < request, (idle, request)
