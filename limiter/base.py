@@ -11,6 +11,7 @@ really used.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
@@ -189,3 +190,37 @@ class Limiter(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class InFlight:
+    """Calls still running (releases waiting on Redis), and a way to wait until there are none.
+
+    Shutdown waits for the releases of the last requests before it closes
+    the connection they need.
+    """
+
+    __slots__ = ("count", "_idle")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def __exit__(self, *_: object) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+
+    async def wait(self, deadline: float) -> int:
+        """Until none is running or the loop's clock reaches ``deadline``; returns how many still are."""
+        if self.count:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        return self.count

@@ -59,6 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from limiter.base import (
     Decision,
+    InFlight,
     LimiterUnavailable,
     LimitRule,
     LimitStatus,
@@ -187,9 +188,7 @@ class FailoverLimiter:
         self._probe_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
-        self._releasing = 0
-        self._released = asyncio.Event()
-        self._released.set()
+        self._releases = InFlight()
         self._closed = False
         self._pending_abandoned = 0
         self._call_errors_logged_at = -CALL_ERROR_LOG_INTERVAL_S
@@ -370,14 +369,8 @@ class FailoverLimiter:
             self.stats.releases_after_close += 1
             log.debug("limiter release after close: lease %s expires on its own", decision.lease_id)
             return
-        self._releasing += 1
-        self._released.clear()
-        try:
+        with self._releases:
             await self._release_on_primary(rule, decision, refund, actual_cost, actual_tokens)
-        finally:
-            self._releasing -= 1
-            if not self._releasing:
-                self._released.set()
 
     async def _release_on_primary(
         self,
@@ -567,12 +560,7 @@ class FailoverLimiter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
         await asyncio.sleep(0)  # releases spawned just before start running
-        if self._releasing:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._released.wait()
-            except TimeoutError:
-                pass
+        await self._releases.wait(deadline)
         if self._pending:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -580,7 +568,7 @@ class FailoverLimiter:
                         self._end_outage()
             except TimeoutError:
                 pass
-        left = len(self._pending) + self._releasing
+        left = len(self._pending) + self._releases.count
         if left:
             log.warning("limiter shutdown: %d releases could not reach Redis; their leases expire on their own", left)
         return left

@@ -37,6 +37,7 @@ from limiter.base import (
     QUOTA,
     TOKENS,
     Decision,
+    InFlight,
     LimitRule,
     LimitStatus,
     bounded_rule,
@@ -155,9 +156,7 @@ class RedisLimiter:
         self._status = _Script(store, scripts.STATUS, self.stats)
         self._renew = _Script(store, scripts.RENEW, self.stats)
         # Releases awaiting Redis's answer, so shutdown can wait for them (drain_releases).
-        self._releasing = 0
-        self._released = asyncio.Event()
-        self._released.set()
+        self._releases = InFlight()
 
     @property
     def call_timeout_s(self) -> float | None:
@@ -244,9 +243,7 @@ class RedisLimiter:
         rule = bounded_rule(rule)
         if invalid(rule):
             return
-        self._releasing += 1
-        self._released.clear()
-        try:
+        with self._releases:
             await self._release(
                 bucket_keys(rule.bucket, rule.feature),
                 (
@@ -262,10 +259,6 @@ class RedisLimiter:
                     "1" if only_if_leased else "0",
                 ),
             )
-        finally:
-            self._releasing -= 1
-            if not self._releasing:
-                self._released.set()
 
     async def abandon(
         self, rule: LimitRule, lease_id: str, *, cost: int, token_reserve: int = 0, only_accounting: bool = False
@@ -309,13 +302,7 @@ class RedisLimiter:
     async def drain_releases(self, timeout_s: float = 5.0) -> int:
         """Wait (at most ``timeout_s``) for releases still waiting on Redis; returns those left."""
         await asyncio.sleep(0)  # releases spawned just before start running
-        if self._releasing:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._released.wait()
-            except TimeoutError:
-                pass
-        return self._releasing
+        return await self._releases.wait(asyncio.get_running_loop().time() + timeout_s)
 
     async def status(self, rule: LimitRule) -> LimitStatus:
         rule = bounded_rule(rule)

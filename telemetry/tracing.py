@@ -241,21 +241,18 @@ def genai_attributes(
     }
     if model:
         attributes["gen_ai.request.model"] = model
-    if stream is not None:
-        attributes["gen_ai.request.stream"] = stream
-    if max_tokens is not None:
-        attributes["gen_ai.request.max_tokens"] = max_tokens
-    if input_tokens is not None:
-        attributes["gen_ai.usage.input_tokens"] = input_tokens
-    if output_tokens is not None:
-        attributes["gen_ai.usage.output_tokens"] = output_tokens
-    # Parts of the totals above, named as in the current GenAI semantic conventions.
-    if cache_read_tokens is not None:
-        attributes["gen_ai.usage.cache_read.input_tokens"] = cache_read_tokens
-    if cache_creation_tokens is not None:
-        attributes["gen_ai.usage.cache_creation.input_tokens"] = cache_creation_tokens
-    if reasoning_tokens is not None:
-        attributes["gen_ai.usage.reasoning.output_tokens"] = reasoning_tokens
+    for name, value in (
+        ("gen_ai.request.stream", stream),
+        ("gen_ai.request.max_tokens", max_tokens),
+        ("gen_ai.usage.input_tokens", input_tokens),
+        ("gen_ai.usage.output_tokens", output_tokens),
+        # Parts of the totals above, named as in the current GenAI semantic conventions.
+        ("gen_ai.usage.cache_read.input_tokens", cache_read_tokens),
+        ("gen_ai.usage.cache_creation.input_tokens", cache_creation_tokens),
+        ("gen_ai.usage.reasoning.output_tokens", reasoning_tokens),
+    ):
+        if value is not None:
+            attributes[name] = value
     return attributes
 
 

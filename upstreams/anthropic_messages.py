@@ -398,7 +398,7 @@ class AnthropicMessagesProvider:
                 stream=stream,
                 metadata=metadata,
                 max_tokens=max_tokens,
-                dropped_fields=dropped_fields(raw, REQUEST_FIELDS) if len(raw) > len(data) else (),
+                dropped_fields=dropped_fields(raw, REQUEST_FIELDS, kept=data),
             ),
             FlagInput(model=model, prompt=prompt, max_tokens=max_tokens or 0, uses_tokenizer=True),
             prompt_chars=prompt_chars,

@@ -147,8 +147,14 @@ def check_nesting(value: Any, path: str, max_depth: int = MAX_DEPTH) -> None:
                 stack.append((child, depth + 1))
 
 
-def dropped_fields(data: Mapping[str, Any], names: tuple[str, ...]) -> tuple[str, ...]:
-    """The top-level keys ``known_fields`` drops (bounded, for the unknown-fields metric)."""
+def dropped_fields(data: Mapping[str, Any], names: tuple[str, ...], kept: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The top-level keys ``known_fields`` drops (bounded, for the unknown-fields metric).
+
+    ``kept``, what ``known_fields`` returned for ``data``: when it is as long as
+    ``data``, nothing was dropped and the keys are not looked at (the usual case).
+    """
+    if kept is not None and len(kept) >= len(data):
+        return ()
     lowered = _lowered(names)
     dropped = [key[:_MAX_DROPPED_NAME_CHARS] for key in data if key.lower() not in lowered]
     return tuple(dropped[:_MAX_DROPPED_NAMES])

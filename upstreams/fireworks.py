@@ -292,7 +292,7 @@ class FireworksProvider:
                 stream=stream,
                 metadata={"stream": stream},
                 max_tokens=max_tokens,
-                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS) if len(raw_data) > len(data) else (),
+                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS, kept=data),
             ),
             FlagInput(model=unresolved, prompt=flat, max_tokens=max_tokens or 0, uses_tokenizer=False),
             prompt_chars=len(prompt) if prompt else sum(len(t) for t in texts),

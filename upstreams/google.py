@@ -301,7 +301,7 @@ class GoogleProvider:
                 stream=stream,
                 metadata={"stream": stream},
                 max_tokens=max_tokens,
-                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS) if len(raw_data) > len(data) else (),
+                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS, kept=data),
             ),
             FlagInput(model=model, prompt=prompt, max_tokens=max_tokens or 0, uses_tokenizer=False),
             prompt_chars=len(prompt),

@@ -249,7 +249,7 @@ class OpenAIChatProvider:
                 stream=stream,
                 metadata={"stream": stream},
                 max_tokens=limit,
-                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS) if len(raw_data) > len(data) else (),
+                dropped_fields=dropped_fields(raw_data, REQUEST_FIELDS, kept=data),
             ),
             FlagInput(model=model, prompt=prompt, max_tokens=limit or 0, uses_tokenizer=False),
             prompt_chars=sum(len(t) for t in texts),
