@@ -35,8 +35,8 @@ from limiter.memory import MemoryLimiter
 from limiter.redis_limiter import RedisLimiter, bucket_keys
 from redisconn.connect import connect
 from redisconn.resp import RespAddress, RespClient
-from tests.support.redis_servers import RedisClusterServers, RedisServer, wait_until
-from tests.test_limiter_contract import Backend, wait_for
+from tests.support.redis_servers import RedisServer, wait_until
+from tests.test_limiter_contract import Backend, backend, wait_for  # noqa: F401  (backend: fixture)
 from tests.test_limiter_contract import rule as contract_rule
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,17 +47,6 @@ FEATURE = "chat_completions"
 def rule(**overrides: Any) -> LimitRule:
     """The contract suite's rule, with room for 100 admissions."""
     return contract_rule(**{"limit": 100, **overrides})
-
-
-@pytest.fixture(params=["memory", "redis", "cluster"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "memory":
-        return Backend("memory")
-    if request.param == "redis":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        return Backend("redis", server.url, server)
-    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
-    return Backend("cluster", cluster.url, cluster)
 
 
 def run_on(backend: Backend, body: Callable[[Limiter], Awaitable[None]]) -> None:
