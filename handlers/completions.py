@@ -187,7 +187,6 @@ class CompletionsHandler(UpstreamHandler):
                 abort=self.abort,
                 on_headers=self._on_upstream_headers,
                 on_chunk=self._on_upstream_chunk,
-                keep_success_headers=False,
             )
             self.services.observer.upstream_attempt(record, attempt)
             if breaker is not None and not self.client_gone:

@@ -13,7 +13,7 @@ import array
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard, TypeVar
 
 import orjson
@@ -182,7 +182,6 @@ class Reply:
     attempt: tp.Attempt
     body: bytes
     truncated: bool = False
-    headers: HTTPHeaders = field(default_factory=HTTPHeaders)
 
 
 async def post_buffered(transport: tp.Transport, request: UpstreamRequest, exchange: Exchange) -> Reply:
@@ -210,7 +209,7 @@ async def post_buffered(transport: tp.Transport, request: UpstreamRequest, excha
         exchange.upstream_status = attempt.status
     if attempt.outcome == tp.CLIENT_GONE or exchange.abort.set_:
         raise ClientGone()
-    return Reply(attempt, bytes(body), state["truncated"], attempt.headers or HTTPHeaders())
+    return Reply(attempt, bytes(body), state["truncated"])
 
 
 def _ignore_headers(status: int, headers: HTTPHeaders) -> None:

@@ -84,6 +84,7 @@ class Attempt:
 
     outcome: Outcome = OK
     status: int | None = None
+    # The response head of a non-2xx answer (a 2xx head only goes to ``on_headers``).
     headers: HTTPHeaders | None = None
     message: str = ""
     started_at: float = field(default_factory=time.monotonic)
@@ -160,18 +161,16 @@ class Transport:
         abort: AbortFlag,
         on_headers: Callable[[int, HTTPHeaders], None],
         on_chunk: Callable[[bytes], None],
-        keep_success_headers: bool = True,
     ) -> Attempt:
-        """One attempt. ``keep_success_headers=False``: a 2xx response head is only
-        handed to ``on_headers``, not kept on the Attempt (a stream that copied
-        what it relays need not hold the rest for its whole life)."""
+        """One attempt. A 2xx response head is handed to ``on_headers`` and not kept on
+        the Attempt (a stream would hold it for its whole life; every caller reads
+        what it needs there); an error's head is kept, for Retry-After and relaying."""
         if abort.set_ or timeout_s <= 0:
             # Nothing was sent: the client already left, or no time is left.
             attempt = Attempt(outcome=CLIENT_GONE if abort.set_ else TIMEOUT)
             attempt.ended_at = attempt.started_at
             return attempt
         exchange = _Exchange(abort, on_headers, on_chunk, self._config, timeout_s)
-        exchange.keep_success_headers = keep_success_headers
         attempt = exchange.attempt
         if self._sweeper is None:
             self._sweeper = PeriodicCallback(self._sweep, 1000)
@@ -297,8 +296,8 @@ class _Exchange:
 
     __slots__ = (
         "_connect_ms", "_on_chunk", "_on_headers", "_stall_s", "_timeout_ms", "abort", "attempt", "client",
-        "complete", "curl", "done", "headers", "keep_success_headers", "last_data_at", "refused", "request",
-        "stalled", "status", "timed_out",
+        "complete", "curl", "done", "headers", "last_data_at", "refused", "request", "stalled", "status",
+        "timed_out",
     )
 
     def __init__(
@@ -328,7 +327,6 @@ class _Exchange:
         self.status = 0
         self.headers: HTTPHeaders | None = None
         self.complete = False
-        self.keep_success_headers = True
         # Set by send() / prepare(): what _cancel needs to find this transfer.
         self.client: AsyncHTTPClient | None = None
         self.request: HTTPRequest | None = None
@@ -413,7 +411,7 @@ class _Exchange:
             attempt.headers = self.headers if self.headers is not None else HTTPHeaders()
             attempt.first_byte_at = time.monotonic()
             self._on_headers(self.status, attempt.headers)
-            if not self.keep_success_headers and 200 <= self.status < 300:
+            if 200 <= self.status < 300:
                 attempt.headers = self.headers = None
 
     def chunk(self, data: bytes) -> None:
